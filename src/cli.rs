@@ -1,0 +1,172 @@
+//! Command line: `serve`, `check`, `certs`. Parsed by clap in `main`; each subcommand maps
+//! onto the library (config → Server) and returns an exit code.
+
+use crate::config::{self, Config};
+use crate::{Prepared, Server, certgen, describe};
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::sync::watch;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ephemera",
+    version,
+    about = "TLS 1.3-only terminating reverse proxy with strict forward secrecy"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy. Without --config it serves an embedded default: TLS on 127.0.0.1:8443
+    /// with a self-signed certificate for localhost minted in memory, admin on 127.0.0.1:9844,
+    /// and a built-in response naming the negotiated TLS parameters (or --upstream).
+    Serve {
+        /// YAML config file (see config/ephemera.yaml). Without it, the embedded default runs.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Quick start, without --config only: TLS listen address.
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        listen: Option<SocketAddr>,
+        /// Quick start, without --config only: admin (metrics) listen address.
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        admin: Option<SocketAddr>,
+        /// Quick start, without --config only: forward every request to this HTTP/1.1 backend
+        /// (http://HOST:PORT) instead of the built-in response.
+        #[arg(long, value_name = "URL", conflicts_with = "config")]
+        upstream: Option<String>,
+    },
+    /// Validate a config (files, certificates, keys) and print the effective policy. Exits 0
+    /// when valid, 1 otherwise. Binds nothing.
+    Check {
+        /// YAML config file to validate.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Write development certificates: ca.crt, ca.key, <NAME>.crt (chain) and <NAME>.key
+    /// (ECDSA P-256, keys mode 0600). For testing only.
+    Certs {
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// DNS name (or IP) for the leaf certificate; repeat for more. The first names the
+        /// files. Default: localhost.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+    },
+}
+
+/// Run a parsed command. Returns the process exit code.
+pub async fn run(cmd: Command) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Serve {
+            config,
+            listen,
+            admin,
+            upstream,
+        } => serve(config, listen, admin, upstream).await,
+        Command::Check { config } => check(config),
+        Command::Certs { out, names } => {
+            let names = if names.is_empty() {
+                vec!["localhost".to_string()]
+            } else {
+                names
+            };
+            let written = certgen::write_dev_certs(&out, &names)?;
+            for p in written {
+                println!("wrote {}", p.display());
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn check(path: PathBuf) -> anyhow::Result<i32> {
+    let prepared = Config::load(&path)
+        .map_err(crate::StartError::from)
+        .and_then(Prepared::new);
+    match prepared {
+        Ok(p) => {
+            println!("config OK: {}", path.display());
+            print!("{}", describe(&p));
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("config INVALID: {e}");
+            Ok(1)
+        }
+    }
+}
+
+async fn serve(
+    path: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    upstream: Option<String>,
+) -> anyhow::Result<i32> {
+    let config = match path {
+        Some(p) => Config::load(&p)?,
+        None => {
+            let issued =
+                certgen::self_signed(&["localhost".into(), "127.0.0.1".into(), "::1".into()])
+                    .context("minting the embedded default certificate")?;
+            tracing::warn!(
+                "no --config: serving the embedded default with a self-signed ECDSA P-256 certificate for localhost, minted in memory (clients must skip verification, e.g. curl -k)"
+            );
+            let listen =
+                listen.unwrap_or_else(|| config::DEFAULT_LISTEN.parse().expect("constant"));
+            let admin =
+                admin.unwrap_or_else(|| config::DEFAULT_ADMIN_BIND.parse().expect("constant"));
+            Config::embedded(
+                listen,
+                admin,
+                upstream.as_deref(),
+                issued.cert_pem.into_bytes(),
+                issued.key_pem.into_bytes(),
+            )?
+        }
+    };
+    let server = Server::bind(config).await?;
+    let (tx, rx) = watch::channel(0u32);
+    tokio::spawn(count_signals(tx));
+    server.run(rx).await;
+    Ok(0)
+}
+
+/// Counts SIGTERM/SIGINT: the first starts a graceful drain, the second ends it.
+async fn count_signals(tx: watch::Sender<u32>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stop requested");
+        tx.send_modify(|n| *n += 1);
+    }
+}
+
+/// Parse the command line (exposed for main).
+pub fn parse() -> Cli {
+    Cli::parse()
+}

@@ -1,0 +1,266 @@
+//! Config, layer 2 of 2: the validated configuration every other module reads.
+//!
+//! Flow: YAML text → `raw::RawConfig` (serde, unknown keys rejected) → `validate` → `Config`.
+//! Every default and every check lives in `validate.rs`; nothing past this module sees an
+//! unvalidated value. `config` imports no other module of the crate.
+
+pub mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::{DEFAULT_ADMIN_BIND, DEFAULT_LISTEN};
+
+/// Where a value came from in the config file: its key path and line, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Key path, e.g. `listeners[0].tls.certificates[1].key`.
+    pub key: String,
+    /// 1-based line in the config file; 0 when the value is built in (no file).
+    pub line: u64,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{} (built-in default)", self.key)
+        } else {
+            write!(f, "{} (line {})", self.key, self.line)
+        }
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub admin: AdminConfig,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
+    pub shutdown_grace: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub max_connections: usize,
+    pub tls: TlsConfig,
+    pub http: HttpConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The first entry is the default for a missing or unknown SNI name.
+    pub certificates: Vec<CertificateSource>,
+    pub strict_sni: bool,
+    /// Key-exchange groups in server preference order.
+    pub groups: Vec<Group>,
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate chain and its private key, as PEM.
+#[derive(Debug, Clone)]
+pub struct CertificateSource {
+    pub cert: PemSource,
+    pub key: PemSource,
+    /// The config entry, named in every error about this certificate.
+    pub origin: Origin,
+}
+
+/// PEM bytes from a file, or held in memory (the embedded default's rcgen certificate).
+#[derive(Clone)]
+pub enum PemSource {
+    File(PathBuf),
+    Memory { label: &'static str, pem: Vec<u8> },
+}
+
+impl fmt::Debug for PemSource {
+    // Never print in-memory PEM: it may hold a private key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PemSource::File(p) => write!(f, "File({})", p.display()),
+            PemSource::Memory { label, .. } => write!(f, "Memory({label})"),
+        }
+    }
+}
+
+impl fmt::Display for PemSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PemSource::File(p) => write!(f, "{}", p.display()),
+            PemSource::Memory { label, .. } => write!(f, "<{label}>"),
+        }
+    }
+}
+
+/// ECDHE key-exchange groups the policy may offer. A closed set: nothing else is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Group {
+    X25519,
+    Secp256r1,
+    Secp384r1,
+    /// Hybrid X25519 + ML-KEM-768; only offered when listed.
+    X25519Mlkem768,
+}
+
+impl Group {
+    pub const ALL: [Group; 4] = [
+        Group::X25519,
+        Group::Secp256r1,
+        Group::Secp384r1,
+        Group::X25519Mlkem768,
+    ];
+    pub const DEFAULT: [Group; 3] = [Group::X25519, Group::Secp256r1, Group::Secp384r1];
+
+    /// The config-file spelling, also used as the `group` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::X25519 => "x25519",
+            Group::Secp256r1 => "secp256r1",
+            Group::Secp384r1 => "secp384r1",
+            Group::X25519Mlkem768 => "x25519mlkem768",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Group> {
+        Group::ALL.into_iter().find(|g| g.name() == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Total time allowed to receive one request's headers.
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Request bodies larger than this get 413.
+    pub max_request_body: u64,
+    /// Peers whose X-Forwarded-For / Forwarded headers are kept and appended to.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: HostMatch,
+    pub path_prefix: String,
+    pub action: RouteAction,
+}
+
+/// Which request hosts a route matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `*`: every host, and requests without one (HTTP/1.0).
+    Any,
+    /// An exact name, lower-case, without port.
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`; matches one or more labels before it.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    /// Index into `Config::upstreams`.
+    Upstream(usize),
+    /// A fixed response. `body: None` answers with the connection's TLS parameters.
+    Respond { status: u16, body: Option<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+}
+
+impl UpstreamProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub protocol: UpstreamProtocol,
+    /// `host:port` strings; names are resolved at connect time.
+    pub servers: Vec<String>,
+    pub connect_timeout: Duration,
+    /// Bound on the wait for response headers (not on a streaming body).
+    pub response_timeout: Duration,
+}
+
+/// Why a config was rejected. Every message names the file, the key path and the line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read at all.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// YAML syntax error, unknown key, or a value of the wrong type.
+    #[error("{file}: {source}")]
+    Parse {
+        file: String,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
+    /// A value parsed but is not acceptable (bad address, unknown group, dangling reference…).
+    #[error("{file}: {origin}: {message}")]
+    Invalid {
+        file: String,
+        origin: Origin,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read and validate a config file. Paths inside it are relative to the working directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Validate YAML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig =
+            serde_saphyr::from_str(text).map_err(|source| ConfigError::Parse {
+                file: file.to_string(),
+                source: Box::new(source),
+            })?;
+        validate::validate(raw, file)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// Parse a duration such as `10s`, `500ms`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration '{s}' ({e}); write e.g. 10s, 500ms, 2m"))
+}
+
+/// Parse a byte size such as `64MiB`, `1MB`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size '{s}' ({e}); write e.g. 64MiB, 1MB, 4096"))
+}

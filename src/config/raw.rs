@@ -1,0 +1,111 @@
+//! Config, layer 1 of 2: serde structs that mirror the YAML file one to one.
+//!
+//! Nothing here is trusted. Every field that needs checking is wrapped in `Spanned` so that
+//! `config::validate` can name the line it came from; unknown keys are rejected by serde.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+
+/// A scalar with the line it was written on.
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub shutdown_grace: Option<S<String>>,
+    #[serde(default)]
+    pub listeners: Vec<S<RawListener>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, S<RawUpstream>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub bind: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: S<String>,
+    pub bind: S<String>,
+    #[serde(default)]
+    pub max_connections: Option<S<u64>>,
+    pub tls: S<RawTls>,
+    #[serde(default)]
+    pub http: Option<RawHttp>,
+    #[serde(default)]
+    pub routes: Vec<S<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    #[serde(default)]
+    pub certificates: Vec<S<RawCertificate>>,
+    #[serde(default)]
+    pub strict_sni: Option<bool>,
+    #[serde(default)]
+    pub groups: Option<S<Vec<S<String>>>>,
+    #[serde(default)]
+    pub handshake_timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: S<String>,
+    pub key: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    #[serde(default)]
+    pub header_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub idle_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub max_request_body: Option<S<String>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default)]
+    pub host: Option<S<String>>,
+    #[serde(default)]
+    pub path_prefix: Option<S<String>>,
+    #[serde(default)]
+    pub upstream: Option<S<String>>,
+    #[serde(default)]
+    pub respond: Option<S<RawRespond>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRespond {
+    #[serde(default)]
+    pub status: Option<S<u16>>,
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    #[serde(default)]
+    pub protocol: Option<S<String>>,
+    pub servers: S<Vec<S<String>>>,
+    #[serde(default)]
+    pub connect_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub response_timeout: Option<S<String>>,
+}

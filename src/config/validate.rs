@@ -1,0 +1,591 @@
+//! Config validation: turns `raw::RawConfig` into `Config`. Every default and every check of
+//! the configuration lives here, and every error names the key path and line.
+
+use super::raw::{self, S};
+use super::*;
+use std::collections::HashSet;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9844";
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl Into<String>, line: u64, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            origin: Origin {
+                key: key.into(),
+                line,
+            },
+            message: message.into(),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        v: &Option<S<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let d = parse_duration(&v.value).map_err(|m| self.err(key, line(v), m))?;
+        if d.is_zero() {
+            return Err(self.err(key, line(v), "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn addr(&self, key: &str, v: &S<String>) -> Result<SocketAddr, ConfigError> {
+        v.value.trim().parse().map_err(|e| {
+            self.err(
+                key,
+                line(v),
+                format!(
+                    "invalid address '{}' ({e}); write IP:PORT, e.g. 127.0.0.1:8443 or [::]:443",
+                    v.value
+                ),
+            )
+        })
+    }
+}
+
+fn line<T>(v: &S<T>) -> u64 {
+    v.referenced.line()
+}
+
+pub(super) fn validate(raw: raw::RawConfig, file: &str) -> Result<Config, ConfigError> {
+    let cx = Ctx { file };
+
+    let admin_bind = match raw.admin.as_ref().and_then(|a| a.bind.as_ref()) {
+        Some(b) => cx.addr("admin.bind", b)?,
+        None => DEFAULT_ADMIN_BIND.parse().expect("constant address"),
+    };
+    let shutdown_grace = match &raw.shutdown_grace {
+        Some(v) => parse_duration(&v.value).map_err(|m| cx.err("shutdown_grace", line(v), m))?,
+        None => DEFAULT_SHUTDOWN_GRACE,
+    };
+
+    let mut upstreams = Vec::new();
+    for (name, u) in &raw.upstreams {
+        upstreams.push(upstream(&cx, name, u)?);
+    }
+
+    if raw.listeners.is_empty() {
+        return Err(cx.err("listeners", 0, "at least one listener is required"));
+    }
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        let key = format!("listeners[{i}]");
+        let v = listener(&cx, &key, l, &upstreams)?;
+        if !names.insert(v.name.clone()) {
+            return Err(cx.err(
+                format!("{key}.name"),
+                line(&l.value.name),
+                format!("duplicate listener name '{}'", v.name),
+            ));
+        }
+        if v.bind.port() != 0 && !binds.insert(v.bind) {
+            return Err(cx.err(
+                format!("{key}.bind"),
+                line(&l.value.bind),
+                format!("address {} is already used by another listener", v.bind),
+            ));
+        }
+        if v.bind.port() != 0 && v.bind == admin_bind {
+            return Err(cx.err(
+                format!("{key}.bind"),
+                line(&l.value.bind),
+                "same address as admin.bind",
+            ));
+        }
+        listeners.push(v);
+    }
+
+    Ok(Config {
+        admin: AdminConfig { bind: admin_bind },
+        shutdown_grace,
+        listeners,
+        upstreams,
+    })
+}
+
+fn listener(
+    cx: &Ctx,
+    key: &str,
+    l: &S<raw::RawListener>,
+    upstreams: &[UpstreamConfig],
+) -> Result<ListenerConfig, ConfigError> {
+    let r = &l.value;
+    let name = r.name.value.trim().to_string();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(cx.err(
+            format!("{key}.name"),
+            line(&r.name),
+            "must be non-empty and use only letters, digits, '-' and '_' (it is a metric label)",
+        ));
+    }
+    let bind = cx.addr(&format!("{key}.bind"), &r.bind)?;
+    let max_connections = match &r.max_connections {
+        Some(v) if v.value == 0 => {
+            return Err(cx.err(
+                format!("{key}.max_connections"),
+                line(v),
+                "must be at least 1",
+            ));
+        }
+        Some(v) => v.value,
+        None => DEFAULT_MAX_CONNECTIONS,
+    };
+    let tls = tls(cx, &format!("{key}.tls"), &r.tls)?;
+    let http = http(cx, &format!("{key}.http"), r.http.as_ref())?;
+    if r.routes.is_empty() {
+        return Err(cx.err(
+            format!("{key}.routes"),
+            line(l),
+            "at least one route is required, e.g. { host: \"*\", path_prefix: /, upstream: app }",
+        ));
+    }
+    let routes = r
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, rt)| route(cx, &format!("{key}.routes[{i}]"), rt, upstreams))
+        .collect::<Result<_, _>>()?;
+    Ok(ListenerConfig {
+        name,
+        bind,
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        tls,
+        http,
+        routes,
+    })
+}
+
+fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError> {
+    let r = &t.value;
+    if r.certificates.is_empty() {
+        return Err(cx.err(
+            format!("{key}.certificates"),
+            line(t),
+            "at least one certificate is required",
+        ));
+    }
+    let certificates = r
+        .certificates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let ck = format!("{key}.certificates[{i}]");
+            for (field, v) in [("cert", &c.value.cert), ("key", &c.value.key)] {
+                if v.value.trim().is_empty() {
+                    return Err(cx.err(format!("{ck}.{field}"), line(v), "file path is empty"));
+                }
+            }
+            Ok(CertificateSource {
+                cert: PemSource::File(PathBuf::from(c.value.cert.value.trim())),
+                key: PemSource::File(PathBuf::from(c.value.key.value.trim())),
+                origin: Origin {
+                    key: ck,
+                    line: line(c),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let groups = match &r.groups {
+        None => Group::DEFAULT.to_vec(),
+        Some(list) => {
+            if list.value.is_empty() {
+                return Err(cx.err(format!("{key}.groups"), line(list), "must list at least one group; allowed: x25519, secp256r1, secp384r1, x25519mlkem768"));
+            }
+            let mut out = Vec::new();
+            for (i, g) in list.value.iter().enumerate() {
+                let name = g.value.trim().to_ascii_lowercase();
+                let group = Group::from_name(&name).ok_or_else(|| {
+                    cx.err(format!("{key}.groups[{i}]"), line(g), format!("unknown group '{}'; allowed: x25519, secp256r1, secp384r1, x25519mlkem768 (ECDHE only: no FFDHE)", g.value))
+                })?;
+                if out.contains(&group) {
+                    return Err(cx.err(
+                        format!("{key}.groups[{i}]"),
+                        line(g),
+                        format!("group '{name}' is listed twice"),
+                    ));
+                }
+                out.push(group);
+            }
+            out
+        }
+    };
+    Ok(TlsConfig {
+        certificates,
+        strict_sni: r.strict_sni.unwrap_or(false),
+        groups,
+        handshake_timeout: cx.duration(
+            &format!("{key}.handshake_timeout"),
+            &r.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        )?,
+    })
+}
+
+fn http(cx: &Ctx, key: &str, h: Option<&raw::RawHttp>) -> Result<HttpConfig, ConfigError> {
+    let none = raw::RawHttp {
+        header_timeout: None,
+        idle_timeout: None,
+        max_request_body: None,
+        trusted_proxies: Vec::new(),
+    };
+    let h = h.unwrap_or(&none);
+    let max_request_body = match &h.max_request_body {
+        Some(v) => parse_size(&v.value)
+            .map_err(|m| cx.err(format!("{key}.max_request_body"), line(v), m))?,
+        None => DEFAULT_MAX_REQUEST_BODY,
+    };
+    let trusted_proxies = h
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            parse_cidr(&p.value)
+                .map_err(|m| cx.err(format!("{key}.trusted_proxies[{i}]"), line(p), m))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(HttpConfig {
+        header_timeout: cx.duration(
+            &format!("{key}.header_timeout"),
+            &h.header_timeout,
+            DEFAULT_HEADER_TIMEOUT,
+        )?,
+        idle_timeout: cx.duration(
+            &format!("{key}.idle_timeout"),
+            &h.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+        )?,
+        max_request_body,
+        trusted_proxies,
+    })
+}
+
+/// A CIDR (`10.0.0.0/8`) or a bare address (one host).
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("invalid CIDR '{s}'; write e.g. 10.0.0.0/8 or 192.0.2.7"))
+}
+
+fn route(
+    cx: &Ctx,
+    key: &str,
+    rt: &S<raw::RawRoute>,
+    upstreams: &[UpstreamConfig],
+) -> Result<RouteConfig, ConfigError> {
+    let r = &rt.value;
+    let host = match &r.host {
+        None => HostMatch::Any,
+        Some(h) => {
+            parse_host_match(&h.value).map_err(|m| cx.err(format!("{key}.host"), line(h), m))?
+        }
+    };
+    let path_prefix = match &r.path_prefix {
+        None => "/".to_string(),
+        Some(p) if p.value.starts_with('/') => p.value.clone(),
+        Some(p) => {
+            return Err(cx.err(
+                format!("{key}.path_prefix"),
+                line(p),
+                format!("'{}' must start with '/'", p.value),
+            ));
+        }
+    };
+    let action = match (&r.upstream, &r.respond) {
+        (Some(u), None) => {
+            let idx = upstreams
+                .iter()
+                .position(|x| x.name == u.value)
+                .ok_or_else(|| {
+                    let known: Vec<_> = upstreams.iter().map(|x| x.name.as_str()).collect();
+                    cx.err(
+                        format!("{key}.upstream"),
+                        line(u),
+                        format!(
+                            "no upstream named '{}' (defined: {})",
+                            u.value,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    )
+                })?;
+            RouteAction::Upstream(idx)
+        }
+        (None, Some(resp)) => {
+            let status = match &resp.value.status {
+                Some(s) if !(200..=599).contains(&s.value) => {
+                    return Err(cx.err(
+                        format!("{key}.respond.status"),
+                        line(s),
+                        format!("status {} is not between 200 and 599", s.value),
+                    ));
+                }
+                Some(s) => s.value,
+                None => 200,
+            };
+            RouteAction::Respond {
+                status,
+                body: resp.value.body.clone(),
+            }
+        }
+        _ => {
+            return Err(cx.err(
+                key.to_string(),
+                line(rt),
+                "a route needs exactly one of 'upstream' or 'respond'",
+            ));
+        }
+    };
+    Ok(RouteConfig {
+        host,
+        path_prefix,
+        action,
+    })
+}
+
+fn parse_host_match(s: &str) -> Result<HostMatch, String> {
+    let s = s.trim().to_ascii_lowercase();
+    if s == "*" {
+        return Ok(HostMatch::Any);
+    }
+    let (wild, name) = match s.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, s.as_str()),
+    };
+    let valid = !name.is_empty()
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !valid {
+        return Err(format!(
+            "invalid host '{s}'; write '*', a name like 'api.example.com', or '*.example.com'"
+        ));
+    }
+    Ok(if wild {
+        HostMatch::Suffix(format!(".{name}"))
+    } else {
+        HostMatch::Exact(name.to_string())
+    })
+}
+
+fn upstream(cx: &Ctx, name: &str, u: &S<raw::RawUpstream>) -> Result<UpstreamConfig, ConfigError> {
+    let key = format!("upstreams.{name}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(cx.err(
+            key,
+            line(u),
+            "upstream names use only letters, digits, '-' and '_' (it is a metric label)",
+        ));
+    }
+    let r = &u.value;
+    let protocol = match r.protocol.as_ref().map(|p| (p.value.trim(), line(p))) {
+        None | Some(("http1", _)) => UpstreamProtocol::Http1,
+        Some((other, l)) => {
+            return Err(cx.err(
+                format!("{key}.protocol"),
+                l,
+                format!("unsupported protocol '{other}'; supported: http1"),
+            ));
+        }
+    };
+    if r.servers.value.is_empty() {
+        return Err(cx.err(
+            format!("{key}.servers"),
+            line(&r.servers),
+            "at least one server (HOST:PORT) is required",
+        ));
+    }
+    let servers = r
+        .servers
+        .value
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            parse_host_port(&s.value).map_err(|m| cx.err(format!("{key}.servers[{i}]"), line(s), m))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(UpstreamConfig {
+        name: name.to_string(),
+        protocol,
+        servers,
+        connect_timeout: cx.duration(
+            &format!("{key}.connect_timeout"),
+            &r.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        response_timeout: cx.duration(
+            &format!("{key}.response_timeout"),
+            &r.response_timeout,
+            DEFAULT_RESPONSE_TIMEOUT,
+        )?,
+    })
+}
+
+/// `HOST:PORT` with a non-zero port; IPv6 in brackets.
+pub(super) fn parse_host_port(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    let bad = || {
+        format!("invalid server '{s}'; write HOST:PORT, e.g. 127.0.0.1:8080 or app.internal:8080")
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 || host.is_empty() || host.contains([':', '/', ' ']) {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
+impl Config {
+    /// The embedded default used by `ephemera serve` without `--config`: one listener with the
+    /// given (in-memory) certificate, routed to `upstream` (`http://HOST:PORT`) or to the
+    /// built-in response that names the negotiated TLS parameters.
+    pub fn embedded(
+        listen: SocketAddr,
+        admin: SocketAddr,
+        upstream: Option<&str>,
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    ) -> Result<Config, ConfigError> {
+        let cx = Ctx {
+            file: "command line",
+        };
+        let mut upstreams = Vec::new();
+        let action = match upstream {
+            None => RouteAction::Respond {
+                status: 200,
+                body: None,
+            },
+            Some(url) => {
+                let authority = url
+                    .strip_prefix("http://")
+                    .map(|rest| rest.trim_end_matches('/'))
+                    .ok_or_else(|| {
+                        cx.err("--upstream", 0, format!("'{url}' must be http://HOST:PORT"))
+                    })?;
+                let server = parse_host_port(authority).map_err(|m| cx.err("--upstream", 0, m))?;
+                upstreams.push(UpstreamConfig {
+                    name: "default".to_string(),
+                    protocol: UpstreamProtocol::Http1,
+                    servers: vec![server],
+                    connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                    response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+                });
+                RouteAction::Upstream(0)
+            }
+        };
+        Ok(Config {
+            admin: AdminConfig { bind: admin },
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            listeners: vec![ListenerConfig {
+                name: "default".to_string(),
+                bind: listen,
+                max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+                tls: TlsConfig {
+                    certificates: vec![CertificateSource {
+                        cert: PemSource::Memory {
+                            label: "self-signed localhost certificate",
+                            pem: cert_pem,
+                        },
+                        key: PemSource::Memory {
+                            label: "in-memory private key",
+                            pem: key_pem,
+                        },
+                        origin: Origin {
+                            key: "embedded default certificate".to_string(),
+                            line: 0,
+                        },
+                    }],
+                    strict_sni: false,
+                    groups: Group::DEFAULT.to_vec(),
+                    handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                },
+                http: HttpConfig {
+                    header_timeout: DEFAULT_HEADER_TIMEOUT,
+                    idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                    max_request_body: DEFAULT_MAX_REQUEST_BODY,
+                    trusted_proxies: Vec::new(),
+                },
+                routes: vec![RouteConfig {
+                    host: HostMatch::Any,
+                    path_prefix: "/".to_string(),
+                    action,
+                }],
+            }],
+            upstreams,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_matches_parse() {
+        assert_eq!(parse_host_match("*").unwrap(), HostMatch::Any);
+        assert_eq!(
+            parse_host_match("API.example.com").unwrap(),
+            HostMatch::Exact("api.example.com".into())
+        );
+        assert_eq!(
+            parse_host_match("*.example.com").unwrap(),
+            HostMatch::Suffix(".example.com".into())
+        );
+        assert!(parse_host_match("a..b").is_err());
+        assert!(parse_host_match("a/b").is_err());
+    }
+
+    #[test]
+    fn host_port_parse() {
+        assert!(parse_host_port("127.0.0.1:8080").is_ok());
+        assert!(parse_host_port("[::1]:8080").is_ok());
+        assert!(parse_host_port("app.internal:80").is_ok());
+        assert!(parse_host_port("app.internal").is_err());
+        assert!(parse_host_port("app:0").is_err());
+        assert!(parse_host_port("http://x:1").is_err());
+    }
+
+    #[test]
+    fn cidr_parse() {
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! Per-connection activity for the HTTP timeouts: requests in flight, when the last one
+//! finished, and when the first byte of a new request arrived. Read bytes are noted by
+//! `ActivityIo` (plaintext only: TLS KeyUpdates never reach it, so they are not activity).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// Shared between the connection task, the service and the body of each response.
+pub struct Activity {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` when the last request finished (or the connection began).
+    idle_since_ms: AtomicU64,
+    /// Milliseconds since `epoch` + 1 of the first byte read while idle; 0 = none.
+    head_started_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    /// A request head arrived: it is in flight until the guard (held by its response body)
+    /// drops.
+    pub fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started_ms.store(0, Ordering::Release);
+        RequestGuard(self.clone())
+    }
+
+    fn note_read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_started_ms.load(Ordering::Acquire) == 0
+        {
+            self.head_started_ms
+                .store(self.now_ms() + 1, Ordering::Release);
+        }
+    }
+
+    /// What the connection task should do next.
+    pub fn next_deadline(
+        &self,
+        header_timeout: Option<Duration>,
+        idle_timeout: Duration,
+    ) -> Deadline {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Deadline::Busy;
+        }
+        let head = self.head_started_ms.load(Ordering::Acquire);
+        if let (Some(t), true) = (header_timeout, head != 0) {
+            return Deadline::HeaderBy(self.at(head - 1) + t);
+        }
+        Deadline::IdleBy(self.at(self.idle_since_ms.load(Ordering::Acquire)) + idle_timeout)
+    }
+}
+
+pub enum Deadline {
+    /// A request is in flight: no connection-level timeout applies.
+    Busy,
+    /// A request head has started arriving and must be complete by then.
+    HeaderBy(Instant),
+    /// Nothing in flight: close the connection gracefully at this instant.
+    IdleBy(Instant),
+}
+
+/// Marks a request as finished when dropped (with its response body).
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since_ms.store(a.now_ms(), Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// IO wrapper that notes plaintext reads into `Activity`.
+pub struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> ActivityIo<T> {
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        ActivityIo { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.note_read();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

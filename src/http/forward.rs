@@ -1,0 +1,387 @@
+//! Per-request handling: route, answer built-in routes, or rewrite the request for the
+//! backend (hop-by-hop headers, X-Forwarded-*, Forwarded, Host), send it through `upstream`,
+//! and map backend failures to 502/504. Bodies stream both ways; none is buffered whole.
+
+use super::activity::{Activity, RequestGuard};
+use super::route::request_host;
+use super::server::ListenerHttp;
+use crate::body::{BoxError, ProxyBody, full};
+use crate::config::RouteAction;
+use crate::tls::TlsInfo;
+use crate::upstream::{Upstream, UpstreamError};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Facts about the client connection a request arrived on.
+pub struct ConnContext {
+    pub peer: SocketAddr,
+    pub tls: TlsInfo,
+    /// The peer is in `trusted_proxies`: its X-Forwarded-For / Forwarded are kept.
+    pub trusted_peer: bool,
+    pub activity: Arc<Activity>,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus Proxy-Authorization/Authenticate, which are
+/// meant for a proxy and must not reach the backend or the client.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+pub fn version_label(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 | Version::HTTP_09 => "HTTP/1.0",
+        Version::HTTP_2 | Version::HTTP_3 => "HTTP/2",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Entry point from the HTTP server for every request.
+pub async fn handle(
+    req: Request<Incoming>,
+    l: &ListenerHttp,
+    c: &ConnContext,
+) -> Response<ProxyBody> {
+    let guard = c.activity.begin();
+    let version = version_label(req.version());
+    let host = request_host(&req);
+    let resp = match l.router.find(host.as_deref(), req.uri().path()) {
+        None => simple(StatusCode::NOT_FOUND, "no route for this host and path\n"),
+        Some(RouteAction::Respond { status, body }) => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            let text = match body {
+                Some(b) => b.clone(),
+                None => tls_summary(&c.tls, version),
+            };
+            simple(status, text)
+        }
+        Some(RouteAction::Upstream(i)) => match l.upstreams.get(*i) {
+            Some(up) => forward(req, up, l, c).await,
+            None => simple(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "route points at a missing upstream\n",
+            ),
+        },
+    };
+    l.metrics.http_request(version, resp.status().as_u16());
+    resp.map(|b| {
+        GuardedBody {
+            inner: b,
+            _guard: guard,
+        }
+        .boxed()
+    })
+}
+
+/// The built-in route's text: what this connection negotiated.
+fn tls_summary(tls: &TlsInfo, http_version: &str) -> String {
+    format!(
+        "Hello from ephemera.\ntls_version: TLSv1.3\ngroup: {}\ncipher_suite: {}\nalpn: {}\nhttp_version: {}\nresumed: false\n",
+        tls.group,
+        tls.cipher_suite,
+        tls.alpn.label(),
+        http_version
+    )
+}
+
+fn simple(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    up: &Upstream,
+    l: &ListenerHttp,
+    c: &ConnContext,
+) -> Response<ProxyBody> {
+    let limit = l.cfg.max_request_body;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return simple(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    }
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let client_version = parts.version;
+    rewrite_request_headers(&mut parts.headers, c, authority.as_deref(), client_version);
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    // HTTP/1.0 without Host stays HTTP/1.0 so the backend does not reject a Host-less 1.1.
+    parts.version = if authority.is_none() && client_version == Version::HTTP_10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let usize_limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let body = Limited::new(body, usize_limit).boxed();
+    match up.send(Request::from_parts(parts, body)).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts.version = Version::HTTP_11;
+            Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+        }
+        Err(e) => upstream_failure(e),
+    }
+}
+
+fn upstream_failure(e: UpstreamError) -> Response<ProxyBody> {
+    if let UpstreamError::Protocol { source, .. } = &e
+        && caused_by_body_limit(source)
+    {
+        return simple(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    }
+    tracing::warn!(error = %e, "upstream request failed");
+    match e {
+        UpstreamError::ResponseTimeout { .. } => simple(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream did not respond in time\n",
+        ),
+        _ => simple(StatusCode::BAD_GATEWAY, "upstream unavailable\n"),
+    }
+}
+
+fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Remove hop-by-hop headers, including any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn client_ip(peer: &SocketAddr) -> IpAddr {
+    peer.ip().to_canonical()
+}
+
+fn rewrite_request_headers(
+    h: &mut HeaderMap,
+    c: &ConnContext,
+    authority: Option<&str>,
+    version: Version,
+) {
+    strip_hop_by_hop(h);
+    let ip = client_ip(&c.peer);
+
+    let xff = match (c.trusted_peer, joined(h, "x-forwarded-for", ", ")) {
+        (true, Some(prev)) => format!("{prev}, {ip}"),
+        _ => ip.to_string(),
+    };
+    set(h, "x-forwarded-for", &xff);
+    set(h, "x-forwarded-proto", "https");
+
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={node};proto=https");
+    if let Some(a) = authority
+        && a.chars()
+            .all(|ch| ch.is_ascii_graphic() && ch != '"' && ch != '\\')
+    {
+        element.push_str(&format!(";host=\"{a}\""));
+    }
+    let forwarded = match (c.trusted_peer, joined(h, "forwarded", ", ")) {
+        (true, Some(prev)) => format!("{prev}, {element}"),
+        _ => element,
+    };
+    set(h, "forwarded", &forwarded);
+
+    if let Some(a) = authority {
+        if !c.trusted_peer || !h.contains_key("x-forwarded-host") {
+            set(h, "x-forwarded-host", a);
+        }
+        // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
+        if !h.contains_key(header::HOST) {
+            set(h, "host", a);
+        }
+    }
+    // HTTP/2 may split cookies into several fields; HTTP/1.1 needs one (RFC 9113 §8.2.3).
+    if version == Version::HTTP_2
+        && let Some(cookie) = joined(h, "cookie", "; ")
+    {
+        set(h, "cookie", &cookie);
+    }
+}
+
+fn joined(h: &HeaderMap, name: &str, sep: &str) -> Option<String> {
+    let vals: Vec<&str> = h
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!vals.is_empty()).then(|| vals.join(sep))
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(HeaderName::from_static(name), v);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it is dropped.
+    struct GuardedBody {
+        #[pin]
+        inner: ProxyBody,
+        _guard: RequestGuard,
+    }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(peer: &str, trusted: bool) -> ConnContext {
+        ConnContext {
+            peer: peer.parse().unwrap(),
+            tls: TlsInfo {
+                group: "x25519",
+                cipher_suite: "TLS13_AES_128_GCM_SHA256",
+                alpn: crate::tls::accept::Alpn::H2,
+                server_name: None,
+            },
+            trusted_peer: trusted,
+            activity: Activity::new(),
+        }
+    }
+
+    #[test]
+    fn untrusted_forwarding_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        rewrite_request_headers(
+            &mut h,
+            &ctx("192.0.2.1:5000", false),
+            Some("example.com"),
+            Version::HTTP_11,
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.1;proto=https;host=\"example.com\""
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(
+            !h.contains_key("x-secret") && !h.contains_key("connection") && !h.contains_key("te")
+        );
+        assert_eq!(h["host"], "example.com");
+    }
+
+    #[test]
+    fn trusted_forwarding_headers_are_appended() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.2"));
+        rewrite_request_headers(
+            &mut h,
+            &ctx("[::ffff:10.0.0.5]:5000", true),
+            None,
+            Version::HTTP_11,
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.2, 10.0.0.5");
+        let mut h = HeaderMap::new();
+        rewrite_request_headers(
+            &mut h,
+            &ctx("[2001:db8::1]:5000", false),
+            None,
+            Version::HTTP_11,
+        );
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
+    }
+
+    #[test]
+    fn h2_cookies_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        rewrite_request_headers(
+            &mut h,
+            &ctx("192.0.2.1:1", false),
+            Some("x"),
+            Version::HTTP_2,
+        );
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2");
+    }
+}

@@ -1,0 +1,132 @@
+//! One client connection's HTTP service: HTTP/2 when ALPN chose `h2`, HTTP/1.1 otherwise
+//! (hyper-util's auto builder sniffs the preface but does not read ALPN, so we decide). Runs
+//! the connection-level timeouts (header, idle), graceful shutdown, and the lingering close.
+//! Called by `listener` after `tls::accept`; calls `forward` per request.
+
+use super::activity::{Activity, ActivityIo, Deadline};
+use super::forward::{self, ConnContext};
+use super::route::Router;
+use crate::config::HttpConfig;
+use crate::metrics::ListenerMetrics;
+use crate::tls::Established;
+use crate::tls::accept::Alpn;
+use crate::tls::stream::{ClientStream, close_lingering};
+use crate::upstream::Upstream;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// HTTP/2 concurrent streams per connection (Envoy's edge guidance uses 100).
+const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// Everything a listener's connections share for HTTP.
+pub struct ListenerHttp {
+    pub router: Router,
+    /// Indexed like `Config::upstreams`.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub cfg: HttpConfig,
+    pub metrics: ListenerMetrics,
+}
+
+impl ListenerHttp {
+    fn is_trusted(&self, peer: &SocketAddr) -> bool {
+        let ip = peer.ip().to_canonical();
+        self.cfg.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Serve HTTP on an established TLS connection until it closes, times out, or `shutdown`
+/// turns true (then gracefully: GOAWAY for HTTP/2, close after the response for HTTP/1.1).
+pub async fn serve_connection(
+    est: Established,
+    peer: SocketAddr,
+    l: Arc<ListenerHttp>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Established { stream, info } = est;
+    let (client, returned) = ClientStream::new(stream);
+    let activity = Activity::new();
+    let h2 = info.alpn == Alpn::H2;
+    let cx = Arc::new(ConnContext {
+        peer,
+        tls: info,
+        trusted_peer: l.is_trusted(&peer),
+        activity: activity.clone(),
+    });
+
+    let service = {
+        let l = l.clone();
+        service_fn(move |req| {
+            let l = l.clone();
+            let cx = cx.clone();
+            async move { Ok::<_, Infallible>(forward::handle(req, &l, &cx).await) }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No hyper timer on HTTP/1.1: its header_read_timeout would also run while a keep-alive
+    // connection is idle. Ours (`Activity`) starts at the first byte of a request.
+    builder.http1().keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    let builder = if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let io = TokioIo::new(ActivityIo::new(client, activity.clone()));
+    // Boxed, not stack-pinned: it must really be dropped below to get the stream back.
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
+
+    let header_timeout = (!h2).then_some(l.cfg.header_timeout);
+    let mut closing = *shutdown.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        let deadline = activity.next_deadline(header_timeout, l.cfg.idle_timeout);
+        let wake = match deadline {
+            // Re-check while busy: finishing a request does not wake this task.
+            Deadline::Busy => Instant::now() + Duration::from_secs(1),
+            Deadline::HeaderBy(t) | Deadline::IdleBy(t) => t,
+        };
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(wake) => match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
+                Deadline::HeaderBy(t) if Instant::now() >= t => {
+                    tracing::debug!(%peer, "request headers not received within header_timeout; closing");
+                    break;
+                }
+                Deadline::IdleBy(t) if Instant::now() >= t => {
+                    if closing {
+                        break;
+                    }
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ => {}
+            },
+        }
+    }
+    // Dropping hyper's connection hands the TLS stream back through `returned`.
+    drop(conn);
+    if let Ok(tls) = returned.await {
+        close_lingering(tls).await;
+    }
+}

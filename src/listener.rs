@@ -1,0 +1,151 @@
+//! Listeners: bind, the accept loop (connection cap, back-off on EMFILE/ENFILE), and the task
+//! per connection that runs `tls::accept` and then `http::serve_connection`.
+//! First stage after `config`; everything a connection does starts here.
+
+use crate::config::{ListenerConfig, UpstreamProtocol};
+use crate::http::route::Router;
+use crate::http::{ListenerHttp, serve_connection};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::tls::TlsAcceptor;
+use crate::tls::accept::TlsSetupError;
+use crate::upstream::Upstream;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
+
+const BACKLOG: u32 = 1024;
+
+/// A listener with its TLS built (certificates loaded), not yet bound.
+pub struct PreparedListener {
+    pub cfg: ListenerConfig,
+    pub tls: Arc<TlsAcceptor>,
+    http: Arc<ListenerHttp>,
+    metrics: ListenerMetrics,
+}
+
+/// A bound listener, ready to accept.
+pub struct BoundListener {
+    prepared: PreparedListener,
+    tcp: TcpListener,
+    pub local_addr: SocketAddr,
+}
+
+impl PreparedListener {
+    pub fn new(
+        cfg: &ListenerConfig,
+        metrics: &Metrics,
+        upstreams: &[Arc<Upstream>],
+    ) -> Result<PreparedListener, TlsSetupError> {
+        let groups: Vec<&str> = cfg.tls.groups.iter().map(|g| g.name()).collect();
+        let lm = metrics.listener(&cfg.name, &groups);
+        let tls = TlsAcceptor::new(&cfg.tls, &cfg.name, lm.clone())?;
+        let http = ListenerHttp {
+            router: Router::new(cfg.routes.clone()),
+            upstreams: upstreams.to_vec(),
+            cfg: cfg.http.clone(),
+            metrics: lm.clone(),
+        };
+        Ok(PreparedListener {
+            cfg: cfg.clone(),
+            tls: Arc::new(tls),
+            http: Arc::new(http),
+            metrics: lm,
+        })
+    }
+
+    pub fn bind(self) -> std::io::Result<BoundListener> {
+        let addr = self.cfg.bind;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(addr)?;
+        let tcp = socket.listen(BACKLOG)?;
+        let local_addr = tcp.local_addr()?;
+        Ok(BoundListener {
+            prepared: self,
+            tcp,
+            local_addr,
+        })
+    }
+}
+
+/// Upstream pools for the whole config, indexed like `Config::upstreams`.
+pub fn upstreams(cfg: &crate::config::Config, metrics: &Metrics) -> Vec<Arc<Upstream>> {
+    cfg.upstreams
+        .iter()
+        .map(|u| {
+            debug_assert_eq!(u.protocol, UpstreamProtocol::Http1);
+            Arc::new(Upstream::new(u, metrics.upstream(&u.name)))
+        })
+        .collect()
+}
+
+impl BoundListener {
+    pub fn name(&self) -> &str {
+        &self.prepared.cfg.name
+    }
+
+    /// Accept until `shutdown` turns true. Connection tasks go on `tracker` so the caller can
+    /// wait for them to drain.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, tracker: TaskTracker) {
+        let BoundListener {
+            prepared,
+            tcp,
+            local_addr,
+        } = self;
+        let limit = Arc::new(Semaphore::new(prepared.cfg.max_connections));
+        let log = LogLimiter::new(Duration::from_secs(10), 5);
+        let mut backoff = Duration::ZERO;
+        loop {
+            // At the cap we stop accepting; the kernel backlog holds new clients meanwhile.
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.changed() => break,
+            };
+            let accepted = tokio::select! {
+                a = tcp.accept() => a,
+                _ = shutdown.changed() => break,
+            };
+            let (sock, peer) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::ZERO;
+                    a
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS persist until something closes: back off instead
+                    // of spinning on an accept that fails at once.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    if let Some(suppressed) = log.allow() {
+                        tracing::warn!(listener = %prepared.cfg.name, %local_addr, error = %e, retry_in = ?backoff, suppressed_since_last = suppressed, "accept failed");
+                    }
+                    drop(permit);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let tls = prepared.tls.clone();
+            let http = prepared.http.clone();
+            let open = prepared.metrics.connection_opened();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                let _open = open;
+                if let Some(est) = tls.accept(sock, peer).await {
+                    serve_connection(est, peer, http, shutdown).await;
+                }
+            });
+        }
+        tracing::info!(listener = %prepared.cfg.name, %local_addr, "stopped accepting");
+    }
+}

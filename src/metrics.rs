@@ -1,0 +1,440 @@
+//! Metrics: a side channel fed by every stage (listener, TLS accept, HTTP, upstream) and read
+//! only by `admin`. One `Registry` per process, no global statics. Label handles are resolved
+//! once per listener / upstream (`ListenerMetrics`, `UpstreamMetrics`), never per request.
+//! This module imports nothing downstream of `config`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Handshake failure reasons: a small closed set, used as the `reason` label and in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// The client did not offer TLS 1.3 (a TLS 1.2-only or older client). Alert: protocol_version.
+    ProtocolVersion,
+    /// No ECDHE group in common (e.g. an FFDHE-only client). Alert: handshake_failure.
+    NoSharedGroup,
+    /// No TLS 1.3 AEAD cipher suite in common. Alert: handshake_failure.
+    NoSharedCipher,
+    /// No signature scheme in common with any certificate for the name.
+    NoSharedSignatureScheme,
+    /// The client offered ALPN protocols, none of them h2 or http/1.1. Alert: no_application_protocol.
+    NoApplicationProtocol,
+    /// `strict_sni: true` and the client's SNI name (or its absence) matches no certificate.
+    UnknownSni,
+    /// The handshake did not finish within `handshake_timeout`.
+    Timeout,
+    /// The client closed the connection before the handshake finished.
+    ClientClosed,
+    /// The client sent a fatal alert (often: it does not trust our certificate).
+    AlertReceived,
+    /// The bytes were not a valid TLS handshake (plain HTTP, a scanner, garbage).
+    Malformed,
+    /// A socket error during the handshake.
+    Io,
+    /// Anything else rustls refused; the log line carries the detail.
+    Other,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 12] = [
+        HandshakeFailure::ProtocolVersion,
+        HandshakeFailure::NoSharedGroup,
+        HandshakeFailure::NoSharedCipher,
+        HandshakeFailure::NoSharedSignatureScheme,
+        HandshakeFailure::NoApplicationProtocol,
+        HandshakeFailure::UnknownSni,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::ClientClosed,
+        HandshakeFailure::AlertReceived,
+        HandshakeFailure::Malformed,
+        HandshakeFailure::Io,
+        HandshakeFailure::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::ProtocolVersion => "protocol_version",
+            HandshakeFailure::NoSharedGroup => "no_shared_group",
+            HandshakeFailure::NoSharedCipher => "no_shared_cipher",
+            HandshakeFailure::NoSharedSignatureScheme => "no_shared_signature_scheme",
+            HandshakeFailure::NoApplicationProtocol => "no_application_protocol",
+            HandshakeFailure::UnknownSni => "unknown_sni",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::ClientClosed => "client_closed",
+            HandshakeFailure::AlertReceived => "alert_received",
+            HandshakeFailure::Malformed => "malformed",
+            HandshakeFailure::Io => "io_error",
+            HandshakeFailure::Other => "other",
+        }
+    }
+}
+
+/// Upstream error kinds, the `kind` label of `ephemera_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// A server refused or failed the TCP connection (the next server is tried).
+    Connect,
+    /// A TCP connect took longer than `connect_timeout`.
+    ConnectTimeout,
+    /// No response headers within `response_timeout` (answered 504).
+    ResponseTimeout,
+    /// The request or response failed after the connection was made (reset, malformed response).
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::ConnectTimeout,
+        UpstreamErrorKind::ResponseTimeout,
+        UpstreamErrorKind::Protocol,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::ConnectTimeout => "connect_timeout",
+            UpstreamErrorKind::ResponseTimeout => "response_timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// HTTP versions as labelled in `ephemera_http_requests_total{version}`.
+pub const HTTP_VERSIONS: [&str; 3] = ["HTTP/1.0", "HTTP/1.1", "HTTP/2"];
+
+/// All metric families, registered on one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    handshakes: IntCounterVec,
+    handshake_failures: IntCounterVec,
+    handshake_duration: HistogramVec,
+    hello_retry_requests: IntCounterVec,
+    resumed: IntCounterVec,
+    policy_info: IntGaugeVec,
+    connections_open: IntGaugeVec,
+    http_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let v = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(v.clone()))
+        .expect("metric registered once");
+    v
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(v.clone()))
+        .expect("metric registered once");
+    v
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let v = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric definition");
+    r.register(Box::new(v.clone()))
+        .expect("metric registered once");
+    v
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector registered once");
+        Metrics {
+            handshakes: counter_vec(
+                &r,
+                "ephemera_tls_handshakes_total",
+                "Successful TLS handshakes by negotiated group, cipher suite and ALPN protocol.",
+                &["listener", "group", "cipher_suite", "alpn"],
+            ),
+            handshake_failures: counter_vec(
+                &r,
+                "ephemera_tls_handshake_failures_total",
+                "Failed TLS handshakes by reason (a closed set; see README).",
+                &["listener", "reason"],
+            ),
+            handshake_duration: histogram_vec(
+                &r,
+                "ephemera_tls_handshake_duration_seconds",
+                "Time from accepting the TCP connection to a completed TLS handshake.",
+                &["listener"],
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ],
+            ),
+            hello_retry_requests: counter_vec(
+                &r,
+                "ephemera_tls_hello_retry_requests_total",
+                "Handshakes that needed a HelloRetryRequest (the client's key share was for a group we do not prefer or allow).",
+                &["listener"],
+            ),
+            resumed: counter_vec(
+                &r,
+                "ephemera_tls_resumed_handshakes_total",
+                "Resumed handshakes. Resumption is off, so this stays 0: it proves the policy.",
+                &["listener"],
+            ),
+            policy_info: gauge_vec(
+                &r,
+                "ephemera_tls_policy_info",
+                "The TLS policy of each listener (value 1).",
+                &["listener", "versions", "groups", "resumption"],
+            ),
+            connections_open: gauge_vec(
+                &r,
+                "ephemera_connections_open",
+                "Client connections currently open (handshaking or established).",
+                &["listener"],
+            ),
+            http_requests: counter_vec(
+                &r,
+                "ephemera_http_requests_total",
+                "HTTP requests answered, by HTTP version and status class.",
+                &["listener", "version", "status_class"],
+            ),
+            upstream_duration: histogram_vec(
+                &r,
+                "ephemera_upstream_request_duration_seconds",
+                "Time from sending a request to a backend to receiving its response headers.",
+                &["upstream"],
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ],
+            ),
+            upstream_errors: counter_vec(
+                &r,
+                "ephemera_upstream_errors_total",
+                "Backend errors by kind (connect, connect_timeout, response_timeout, protocol).",
+                &["upstream", "kind"],
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Resolve every per-listener handle once. `groups` is the listener's policy.
+    pub fn listener(&self, listener: &str, groups: &[&str]) -> ListenerMetrics {
+        self.policy_info
+            .with_label_values(&[listener, "TLSv1.3", &groups.join(","), "off"])
+            .set(1);
+        let failures = HandshakeFailure::ALL
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    self.handshake_failures
+                        .with_label_values(&[listener, r.label()]),
+                )
+            })
+            .collect();
+        let mut http_requests = HashMap::new();
+        for v in HTTP_VERSIONS {
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                http_requests.insert(
+                    (v, class),
+                    self.http_requests.with_label_values(&[listener, v, class]),
+                );
+            }
+        }
+        ListenerMetrics {
+            inner: Arc::new(ListenerInner {
+                name: listener.to_string(),
+                handshakes_vec: self.handshakes.clone(),
+                handshakes: Mutex::new(HashMap::new()),
+                failures,
+                duration: self.handshake_duration.with_label_values(&[listener]),
+                hello_retry_requests: self.hello_retry_requests.with_label_values(&[listener]),
+                resumed: self.resumed.with_label_values(&[listener]),
+                connections_open: self.connections_open.with_label_values(&[listener]),
+                http_requests,
+            }),
+        }
+    }
+
+    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            duration: self.upstream_duration.with_label_values(&[upstream]),
+            errors: Arc::new(
+                UpstreamErrorKind::ALL
+                    .iter()
+                    .map(|k| {
+                        self.upstream_errors
+                            .with_label_values(&[upstream, k.label()])
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Handles for one listener, cheap to clone into each connection.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    inner: Arc<ListenerInner>,
+}
+
+struct ListenerInner {
+    name: String,
+    handshakes_vec: IntCounterVec,
+    // Keyed by (group, suite, alpn), all from closed sets: at most 4 x 3 x 3 entries.
+    handshakes: Mutex<HashMap<(&'static str, &'static str, &'static str), IntCounter>>,
+    failures: HashMap<HandshakeFailure, IntCounter>,
+    duration: Histogram,
+    hello_retry_requests: IntCounter,
+    resumed: IntCounter,
+    connections_open: IntGauge,
+    http_requests: HashMap<(&'static str, &'static str), IntCounter>,
+}
+
+impl ListenerMetrics {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn handshake_ok(
+        &self,
+        group: &'static str,
+        suite: &'static str,
+        alpn: &'static str,
+        seconds: f64,
+    ) {
+        let counter = {
+            let mut map = self
+                .inner
+                .handshakes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            map.entry((group, suite, alpn))
+                .or_insert_with(|| {
+                    self.inner.handshakes_vec.with_label_values(&[
+                        &self.inner.name,
+                        group,
+                        suite,
+                        alpn,
+                    ])
+                })
+                .clone()
+        };
+        counter.inc();
+        self.inner.duration.observe(seconds);
+    }
+
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        if let Some(c) = self.inner.failures.get(&reason) {
+            c.inc();
+        }
+    }
+
+    pub fn hello_retry_request(&self) {
+        self.inner.hello_retry_requests.inc();
+    }
+
+    pub fn resumed(&self) {
+        self.inner.resumed.inc();
+    }
+
+    /// Counts the connection as open until the guard is dropped.
+    pub fn connection_opened(&self) -> ConnectionGuard {
+        self.inner.connections_open.inc();
+        ConnectionGuard(self.inner.connections_open.clone())
+    }
+
+    /// `version` is one of `HTTP_VERSIONS`.
+    pub fn http_request(&self, version: &'static str, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        if let Some(c) = self.inner.http_requests.get(&(version, class)) {
+            c.inc();
+        }
+    }
+}
+
+/// Decrements `ephemera_connections_open` when dropped.
+pub struct ConnectionGuard(IntGauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Handles for one upstream.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    duration: Histogram,
+    errors: Arc<Vec<IntCounter>>,
+}
+
+impl UpstreamMetrics {
+    pub fn observe(&self, seconds: f64) {
+        self.duration.observe(seconds);
+    }
+
+    pub fn error(&self, kind: UpstreamErrorKind) {
+        if let Some(i) = UpstreamErrorKind::ALL.iter().position(|k| *k == kind) {
+            self.errors[i].inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_counters_with_labels() {
+        let m = Metrics::new();
+        let l = m.listener("public", &["x25519", "secp256r1"]);
+        l.handshake_ok("x25519", "TLS13_AES_128_GCM_SHA256", "h2", 0.001);
+        l.handshake_ok("x25519", "TLS13_AES_128_GCM_SHA256", "h2", 0.001);
+        l.handshake_failed(HandshakeFailure::ProtocolVersion);
+        let text = m.encode();
+        assert!(text.contains(r#"ephemera_tls_handshakes_total{alpn="h2",cipher_suite="TLS13_AES_128_GCM_SHA256",group="x25519",listener="public"} 2"#), "{text}");
+        assert!(text.contains(r#"ephemera_tls_handshake_failures_total{listener="public",reason="protocol_version"} 1"#));
+        assert!(text.contains(r#"ephemera_tls_policy_info{groups="x25519,secp256r1",listener="public",resumption="off",versions="TLSv1.3"} 1"#));
+        assert!(text.contains(r#"ephemera_tls_resumed_handshakes_total{listener="public"} 0"#));
+    }
+}

@@ -1,0 +1,292 @@
+//! The TLS handshake for one accepted TCP connection: read the ClientHello, apply strict SNI,
+//! run the handshake under `handshake_timeout`, and classify any failure into the closed set
+//! `HandshakeFailure` (metric label and rate-limited log line). Called by `listener`; hands an
+//! `Established` connection on to `http`.
+
+use super::certs::{self, CertError, LoadedCert, SniResolver};
+use super::policy;
+use crate::config::{Group, TlsConfig};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{HandshakeFailure, ListenerMetrics};
+use rustls::server::Acceptor;
+use rustls::{HandshakeKind, NamedGroup, PeerIncompatible, ServerConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// Why a listener's TLS could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsSetupError {
+    /// A certificate or key could not be loaded (the message names the entry and file).
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    /// rustls refused the policy (should not happen with the groups `config` allows).
+    #[error("listener '{listener}': TLS policy rejected by rustls: {source}")]
+    Policy {
+        listener: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// What the handshake negotiated: metric labels, the built-in response, and forwarding.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub group: &'static str,
+    pub cipher_suite: &'static str,
+    pub alpn: Alpn,
+    pub server_name: Option<String>,
+}
+
+/// The application protocol chosen by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http11,
+    /// The client sent no ALPN extension: HTTP/1.1 is spoken.
+    None,
+}
+
+impl Alpn {
+    pub fn label(self) -> &'static str {
+        match self {
+            Alpn::H2 => "h2",
+            Alpn::Http11 => "http/1.1",
+            Alpn::None => "none",
+        }
+    }
+}
+
+/// A completed handshake.
+pub struct Established {
+    pub stream: TlsStream<TcpStream>,
+    pub info: TlsInfo,
+}
+
+/// One listener's TLS: its policy config, certificates and handshake accounting.
+pub struct TlsAcceptor {
+    config: Arc<ServerConfig>,
+    resolver: Arc<SniResolver>,
+    strict_sni: bool,
+    handshake_timeout: Duration,
+    metrics: ListenerMetrics,
+    log: LogLimiter,
+    pub certificates: Vec<LoadedCert>,
+}
+
+impl TlsAcceptor {
+    /// Load the certificates and build the policy. Fails before anything binds.
+    pub fn new(
+        tls: &TlsConfig,
+        listener: &str,
+        metrics: ListenerMetrics,
+    ) -> Result<TlsAcceptor, TlsSetupError> {
+        let provider = policy::provider(&tls.groups);
+        let certificates = tls
+            .certificates
+            .iter()
+            .map(|c| certs::load(c, &provider))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resolver = Arc::new(SniResolver::new(&certificates, tls.strict_sni));
+        let config = policy::server_config(&tls.groups, resolver.clone()).map_err(|source| {
+            TlsSetupError::Policy {
+                listener: listener.to_string(),
+                source,
+            }
+        })?;
+        Ok(TlsAcceptor {
+            config: Arc::new(config),
+            resolver,
+            strict_sni: tls.strict_sni,
+            handshake_timeout: tls.handshake_timeout,
+            metrics,
+            log: LogLimiter::new(Duration::from_secs(10), 10),
+            certificates,
+        })
+    }
+
+    /// Run the handshake; every outcome is counted.
+    pub async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Established> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.handshake_timeout, self.handshake(tcp)).await;
+        let failure = match result {
+            Ok(Ok(stream)) => return Some(self.established(stream, started)),
+            Ok(Err((reason, detail))) => (reason, detail),
+            Err(_) => (
+                HandshakeFailure::Timeout,
+                "no complete handshake within handshake_timeout".to_string(),
+            ),
+        };
+        let (reason, detail) = failure;
+        self.metrics.handshake_failed(reason);
+        if let Some(suppressed) = self.log.allow() {
+            tracing::info!(
+                listener = self.metrics.name(),
+                %peer,
+                reason = reason.label(),
+                detail = %detail,
+                suppressed_since_last = suppressed,
+                "TLS handshake failed"
+            );
+        }
+        None
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<TlsStream<TcpStream>, (HandshakeFailure, String)> {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
+            .await
+            .map_err(|e| classify_io(&e))?;
+        let name = start.client_hello().server_name().map(str::to_owned);
+        let unknown_sni = self.strict_sni && !self.resolver.covers(name.as_deref());
+        match start.into_stream(self.config.clone()).await {
+            Ok(s) => Ok(s),
+            // The resolver returned no certificate and rustls sent access_denied.
+            Err(_) if unknown_sni => Err((
+                HandshakeFailure::UnknownSni,
+                match name {
+                    Some(_) => "strict_sni: no certificate covers the requested name".to_string(),
+                    None => "strict_sni: the client sent no SNI name".to_string(),
+                },
+            )),
+            Err(e) => Err(classify_io(&e)),
+        }
+    }
+
+    fn established(&self, stream: TlsStream<TcpStream>, started: Instant) -> Established {
+        let (_, conn) = stream.get_ref();
+        match conn.handshake_kind() {
+            Some(HandshakeKind::Resumed) => self.metrics.resumed(),
+            Some(HandshakeKind::FullWithHelloRetryRequest) => self.metrics.hello_retry_request(),
+            _ => {}
+        }
+        let group = conn
+            .negotiated_key_exchange_group()
+            .map(|g| group_label(g.name()))
+            .unwrap_or("unknown");
+        let cipher_suite = conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown");
+        let alpn = match conn.alpn_protocol() {
+            Some(b"h2") => Alpn::H2,
+            Some(_) => Alpn::Http11,
+            None => Alpn::None,
+        };
+        let info = TlsInfo {
+            group,
+            cipher_suite,
+            alpn,
+            server_name: conn.server_name().map(str::to_owned),
+        };
+        self.metrics.handshake_ok(
+            group,
+            cipher_suite,
+            alpn.label(),
+            started.elapsed().as_secs_f64(),
+        );
+        Established { stream, info }
+    }
+}
+
+fn group_label(g: NamedGroup) -> &'static str {
+    Group::ALL
+        .into_iter()
+        .find(|ours| policy::kx_group(*ours).name() == g)
+        .map(Group::name)
+        .unwrap_or("unknown")
+}
+
+/// Map a handshake error onto the closed set of reasons.
+fn classify_io(e: &std::io::Error) -> (HandshakeFailure, String) {
+    use std::io::ErrorKind;
+    if let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return (classify_tls(tls), tls.to_string());
+    }
+    let reason = match e.kind() {
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::BrokenPipe
+        | ErrorKind::ConnectionAborted => HandshakeFailure::ClientClosed,
+        ErrorKind::InvalidData => HandshakeFailure::Malformed,
+        _ => HandshakeFailure::Io,
+    };
+    (reason, e.to_string())
+}
+
+fn classify_tls(e: &rustls::Error) -> HandshakeFailure {
+    use rustls::Error as E;
+    match e {
+        E::PeerIncompatible(
+            PeerIncompatible::Tls12NotOffered
+            | PeerIncompatible::Tls12NotOfferedOrEnabled
+            | PeerIncompatible::SupportedVersionsExtensionRequired,
+        ) => HandshakeFailure::ProtocolVersion,
+        E::PeerIncompatible(PeerIncompatible::NoKxGroupsInCommon) => {
+            HandshakeFailure::NoSharedGroup
+        }
+        E::PeerIncompatible(PeerIncompatible::NoCipherSuitesInCommon) => {
+            HandshakeFailure::NoSharedCipher
+        }
+        E::PeerIncompatible(PeerIncompatible::NoSignatureSchemesInCommon) => {
+            HandshakeFailure::NoSharedSignatureScheme
+        }
+        E::NoApplicationProtocol => HandshakeFailure::NoApplicationProtocol,
+        E::AlertReceived(_) => HandshakeFailure::AlertReceived,
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. }
+        | E::PeerMisbehaved(_)
+        | E::DecryptError => HandshakeFailure::Malformed,
+        _ => HandshakeFailure::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_policy_refusals() {
+        let pi = |p| rustls::Error::PeerIncompatible(p);
+        assert_eq!(
+            classify_tls(&pi(PeerIncompatible::SupportedVersionsExtensionRequired)),
+            HandshakeFailure::ProtocolVersion
+        );
+        assert_eq!(
+            classify_tls(&pi(PeerIncompatible::Tls12NotOfferedOrEnabled)),
+            HandshakeFailure::ProtocolVersion
+        );
+        assert_eq!(
+            classify_tls(&pi(PeerIncompatible::NoKxGroupsInCommon)),
+            HandshakeFailure::NoSharedGroup
+        );
+        assert_eq!(
+            classify_tls(&pi(PeerIncompatible::NoCipherSuitesInCommon)),
+            HandshakeFailure::NoSharedCipher
+        );
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            pi(PeerIncompatible::NoKxGroupsInCommon),
+        );
+        assert_eq!(classify_io(&io).0, HandshakeFailure::NoSharedGroup);
+        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(classify_io(&eof).0, HandshakeFailure::ClientClosed);
+    }
+
+    #[test]
+    fn group_labels() {
+        assert_eq!(group_label(NamedGroup::X25519), "x25519");
+        assert_eq!(group_label(NamedGroup::secp384r1), "secp384r1");
+        assert_eq!(group_label(NamedGroup::X25519MLKEM768), "x25519mlkem768");
+    }
+}

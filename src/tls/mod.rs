@@ -1,0 +1,10 @@
+//! TLS termination: the policy (`policy`), certificates and SNI (`certs`), the handshake with
+//! its failure classification (`accept`), and the client stream handed to HTTP (`stream`).
+//! Sits between the listener (which hands us accepted TCP sockets) and `http`.
+
+pub mod accept;
+pub mod certs;
+pub mod policy;
+pub mod stream;
+
+pub use accept::{Established, TlsAcceptor, TlsInfo};
