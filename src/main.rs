@@ -2,6 +2,7 @@
 //! over to the library, map the outcome to an exit code. All logic lives in the library.
 
 use ephemera::cli::{self, LogFormat};
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
@@ -9,7 +10,8 @@ fn main() {
     let filter = EnvFilter::try_from_env("EPHEMERA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match args.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

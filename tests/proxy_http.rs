@@ -1,0 +1,322 @@
+//! HTTP through the proxy to a real hyper backend, over HTTP/1.1 and HTTP/2 (by ALPN):
+//! status, headers, multi-MiB bodies both ways (hashes compared), 413, forwarding headers,
+//! 502/504, round robin with a dead server, and the built-in route.
+
+mod common;
+use common::*;
+use http_body_util::BodyExt;
+
+async fn proxy_to_backend(
+    extra_http: &str,
+    extra_upstream: &str,
+) -> (Certs, Proxy, std::net::SocketAddr) {
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        Some(&[backend]),
+        "",
+        extra_http,
+        extra_upstream,
+    ))
+    .await;
+    (certs, proxy, backend)
+}
+
+#[tokio::test]
+async fn requests_and_streamed_bodies_both_ways_h1_and_h2() {
+    let (certs, proxy, _) = proxy_to_backend("      max_request_body: 64MiB\n", "").await;
+    for h2 in [false, true] {
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        let (status, _, body) = c.get("/").await;
+        assert_eq!((status, &body[..]), (200, &b"backend ok"[..]), "h2={h2}");
+
+        // Upload 5 MiB + a bit, streamed; the backend hashes what it received.
+        let len = 5 * 1024 * 1024 + 123;
+        let expected = sha256(&pattern(0, len));
+        let resp = c
+            .send(request("POST", "/hash", pattern_body(len)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            format!("{len} {expected}"),
+            "h2={h2}"
+        );
+
+        // Download 7 MiB + a bit, streamed; hash compared.
+        let len = 7 * 1024 * 1024 + 7;
+        let resp = c
+            .send(request("GET", &format!("/bytes/{len}"), empty()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let (n, h) = hash_body(resp.into_body()).await;
+        assert_eq!((n, h), (len, sha256(&pattern(0, len))), "h2={h2}");
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_http_requests_total",
+            &["version=\"HTTP/1.1\"", "status_class=\"2xx\""]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_http_requests_total",
+            &["version=\"HTTP/2\"", "status_class=\"2xx\""]
+        ),
+        3.0
+    );
+    assert!(
+        metric(
+            &m,
+            "ephemera_upstream_request_duration_seconds_count",
+            &["upstream=\"app\""]
+        ) >= 6.0
+    );
+}
+
+#[tokio::test]
+async fn request_body_over_limit_gets_413() {
+    let (certs, proxy, _) = proxy_to_backend("      max_request_body: 1MiB\n", "").await;
+    for h2 in [false, true] {
+        // Declared length over the limit: refused before anything is forwarded.
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        let resp = c
+            .send(request("POST", "/hash", full(vec![0u8; 1024 * 1024 + 1])))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413, "h2={h2}");
+        // Streamed (no length) and over the limit: cut off and answered 413.
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        let resp = c
+            .send(request("POST", "/hash", pattern_body(3 * 1024 * 1024)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413, "h2={h2}");
+        // At the limit: fine.
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        let resp = c
+            .send(request("POST", "/hash", pattern_body(1024 * 1024)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "h2={h2}");
+    }
+}
+
+#[tokio::test]
+async fn forwarding_headers_and_hop_by_hop() {
+    let (certs, proxy, _) = proxy_to_backend("", "").await;
+    for h2 in [false, true] {
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        let mut req = request("GET", "/headers", empty());
+        req.headers_mut()
+            .insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        req.headers_mut()
+            .insert("forwarded", "for=6.6.6.6".parse().unwrap());
+        req.headers_mut()
+            .insert("x-custom", "kept".parse().unwrap());
+        if !h2 {
+            req.headers_mut()
+                .insert("connection", "x-drop-me".parse().unwrap());
+            req.headers_mut().insert("x-drop-me", "1".parse().unwrap());
+        }
+        let resp = c.send(req).await.unwrap();
+        let text = String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        assert!(
+            text.contains("x-forwarded-for: 127.0.0.1\n"),
+            "untrusted XFF must be replaced (h2={h2}):\n{text}"
+        );
+        assert!(text.contains("x-forwarded-proto: https\n"), "{text}");
+        assert!(
+            text.contains("forwarded: for=127.0.0.1;proto=https;host=\"localhost\"\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host: localhost\n"),
+            "Host kept (h2={h2}): {text}"
+        );
+        assert!(text.contains("x-custom: kept\n"), "{text}");
+        assert!(!text.contains("x-drop-me"), "{text}");
+        assert!(text.contains("version: HTTP/1.1"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn trusted_proxy_xff_is_appended() {
+    let (certs, proxy, _) = proxy_to_backend("      trusted_proxies: [127.0.0.0/8]\n", "").await;
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    let mut req = request("GET", "/headers", empty());
+    req.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    let resp = c.send(req).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn backend_down_gives_502_and_proxy_keeps_serving() {
+    let certs = Certs::new(&["localhost"]);
+    let dead = closed_port().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[dead]), "", "", "")).await;
+    for h2 in [false, true] {
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        let (status, _, body) = c.get("/").await;
+        assert_eq!(status, 502, "h2={h2}");
+        assert!(!body.is_empty());
+        // Same connection still usable.
+        let (status, _, _) = c.get("/again").await;
+        assert_eq!(status, 502);
+    }
+    let m = proxy.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "ephemera_upstream_errors_total",
+            &["upstream=\"app\"", "kind=\"connect\""]
+        ) >= 4.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_http_requests_total",
+            &["status_class=\"5xx\""]
+        ),
+        4.0
+    );
+}
+
+#[tokio::test]
+async fn slow_backend_gives_504_and_proxy_keeps_serving() {
+    let _serial = serial().await;
+    let (certs, proxy, _) = proxy_to_backend("", "    response_timeout: 300ms\n").await;
+    for h2 in [false, true] {
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        let (status, _, _) = c.get("/slow/3000").await;
+        assert_eq!(status, 504, "h2={h2}");
+        let (status, _, body) = c.get("/").await;
+        assert_eq!((status, &body[..]), (200, &b"backend ok"[..]));
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_upstream_errors_total",
+            &["kind=\"response_timeout\""]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn round_robin_skips_a_refusing_server() {
+    let certs = Certs::new(&["localhost"]);
+    let a = start_backend().await;
+    let dead = closed_port().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[dead, a]), "", "", "")).await;
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    for i in 0..6 {
+        let (status, _, _) = c.get(&format!("/{i}")).await;
+        assert_eq!(status, 200, "request {i}");
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_connections_to_the_backend_are_reused() {
+    // A backend that counts accepted connections.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(full("pooled")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    for _ in 0..20 {
+        let (status, _, _) = c.get("/").await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "sequential requests reuse one backend connection"
+    );
+}
+
+#[tokio::test]
+async fn builtin_route_names_tls_parameters() {
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    let (status, _, body) = c.get("/").await;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("tls_version: TLSv1.3")
+            && text.contains("group: x25519")
+            && text.contains("cipher_suite: TLS13_AES_128_GCM_SHA256")
+            && text.contains("alpn: h2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn http10_without_host_uses_the_wildcard_route() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (certs, proxy, _) = proxy_to_backend("", "").await;
+    let mut tls = tls_connect(proxy.addr, "localhost", client_config(&certs.ca_der(), &[]))
+        .await
+        .unwrap();
+    tls.write_all(b"GET /headers HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(text.contains("x-forwarded-proto: https"), "{text}");
+}
