@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Shared between the connection task, the service and the body of each response.
@@ -19,6 +20,9 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// Milliseconds since `epoch` + 1 of the first byte read while idle; 0 = none.
     head_started_ms: AtomicU64,
+    /// Wakes the connection task when its deadline changes kind (a head starts arriving, the
+    /// last request finishes).
+    changed: Notify,
 }
 
 impl Activity {
@@ -28,6 +32,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
+            changed: Notify::new(),
         })
     }
 
@@ -49,11 +54,19 @@ impl Activity {
 
     fn note_read(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0
-            && self.head_started_ms.load(Ordering::Acquire) == 0
+            && self
+                .head_started_ms
+                .compare_exchange(0, self.now_ms() + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
         {
-            self.head_started_ms
-                .store(self.now_ms() + 1, Ordering::Release);
+            self.changed.notify_one();
         }
+    }
+
+    /// Resolves when the deadline may have changed; a notification sent while nobody waits
+    /// is kept, so none is lost.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// What the connection task should do next.
@@ -89,7 +102,9 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let a = &self.0;
         a.idle_since_ms.store(a.now_ms(), Ordering::Release);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.changed.notify_one();
+        }
     }
 }
 

@@ -18,7 +18,6 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -93,9 +92,8 @@ pub async fn serve_connection(
     loop {
         let deadline = activity.next_deadline(header_timeout, l.cfg.idle_timeout);
         let wake = match deadline {
-            // Re-check while busy: finishing a request does not wake this task.
-            Deadline::Busy => Instant::now() + Duration::from_secs(1),
-            Deadline::HeaderBy(t) | Deadline::IdleBy(t) => t,
+            Deadline::Busy => None,
+            Deadline::HeaderBy(t) | Deadline::IdleBy(t) => Some(t),
         };
         tokio::select! {
             res = conn.as_mut() => {
@@ -108,7 +106,8 @@ pub async fn serve_connection(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep_until(wake) => match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
+            _ = activity.changed() => {}
+            _ = sleep_until_opt(wake) => match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
                 Deadline::HeaderBy(t) if Instant::now() >= t => {
                     tracing::debug!(%peer, "request headers not received within header_timeout; closing");
                     break;
@@ -128,5 +127,12 @@ pub async fn serve_connection(
     drop(conn);
     if let Ok(tls) = returned.await {
         close_lingering(tls).await;
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

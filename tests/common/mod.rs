@@ -384,7 +384,10 @@ async fn backend_handler(req: Request<Incoming>) -> Result<Response<TestBody>, I
         let (n, h) = hash_body(req.into_body()).await;
         Response::new(full(format!("{n} {h}")))
     } else if let Some(n) = path.strip_prefix("/bytes/") {
-        Response::new(pattern_body(n.parse().unwrap_or(0)))
+        let n: usize = n.parse().unwrap_or(0);
+        let mut r = Response::new(pattern_body(n));
+        r.headers_mut().insert("content-length", n.into());
+        r
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         Response::new(full("slow ok"))

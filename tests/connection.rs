@@ -1,0 +1,317 @@
+//! Connection lifecycle over real sockets: lingering close (no RST truncating a response),
+//! small responses in one TLS record, idle and header timeouts, the connection cap, and the
+//! graceful drain on stop. Timing-sensitive tests take the `serial()` lock.
+
+mod common;
+use common::*;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn lingering_close_delivers_the_whole_response_despite_unread_client_bytes() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    let len = 8 * 1024 * 1024;
+    for round in 0..3 {
+        let tls = tls_connect(
+            proxy.addr,
+            "localhost",
+            client_config(&certs.ca_der(), &[b"http/1.1"]),
+        )
+        .await
+        .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        // One request the proxy answers and then closes on, followed by bytes it will never
+        // read (as KeyUpdate answers or a pipelined request would be), still arriving when
+        // the response ends.
+        let req =
+            format!("GET /bytes/{len} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let writer = tokio::spawn(async move {
+            wr.write_all(req.as_bytes()).await?;
+            let junk = vec![b'x'; 16 * 1024];
+            for _ in 0..256 {
+                wr.write_all(&junk).await?;
+            }
+            wr.flush().await?;
+            // Keep our half open until the reader is done.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, std::io::Error>(wr)
+        });
+        // Read slowly at first so part of the response is still in flight when the proxy
+        // closes: an abortive close (RST) would discard it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got))
+            .await
+            .unwrap();
+        writer.abort();
+        assert!(
+            r.is_ok(),
+            "round {round}: read failed after {} bytes: {:?}",
+            got.len(),
+            r.err()
+        );
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(
+            got.len() - head_end,
+            len,
+            "round {round}: response truncated"
+        );
+        assert_eq!(sha256(&got[head_end..]), sha256(&pattern(0, len)));
+    }
+}
+
+/// Counts TLS records arriving from the server (parses the 5-byte record headers).
+struct RecordCounter<S> {
+    inner: S,
+    records: Arc<AtomicUsize>,
+    header: Vec<u8>,
+    skip: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for RecordCounter<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let new = buf.filled()[before..].to_vec();
+        for b in new {
+            if self.skip > 0 {
+                self.skip -= 1;
+                continue;
+            }
+            self.header.push(b);
+            if self.header.len() == 5 {
+                self.skip = u16::from_be_bytes([self.header[3], self.header[4]]) as usize;
+                self.header.clear();
+                self.records.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for RecordCounter<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn small_response_leaves_as_one_tls_record() {
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
+    let records = Arc::new(AtomicUsize::new(0));
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let counted = RecordCounter {
+        inner: tcp,
+        records: records.clone(),
+        header: Vec::new(),
+        skip: 0,
+    };
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(&certs.ca_der(), &[b"http/1.1"])));
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), counted)
+        .await
+        .unwrap();
+    let mut c = HttpClient::over(tls, false).await;
+    for i in 0..3 {
+        let before = records.load(Ordering::SeqCst);
+        let (status, _, body) = c.get("/").await;
+        assert_eq!(status, 200);
+        assert!(body.len() > 50);
+        assert_eq!(
+            records.load(Ordering::SeqCst) - before,
+            1,
+            "request {i}: head and body must share one record"
+        );
+    }
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        None,
+        "",
+        "      idle_timeout: 1s\n",
+        "",
+    ))
+    .await;
+    for h2 in [false, true] {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_connect(
+            proxy.addr,
+            "localhost",
+            client_config(&certs.ca_der(), alpn),
+        )
+        .await
+        .unwrap();
+        let mut c = HttpClient::over(tls, h2).await;
+        // Activity keeps it open: requests every 400 ms for 2 s.
+        for _ in 0..5 {
+            assert_eq!(c.get("/").await.0, 200);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        // Idle: closed within about a second (GOAWAY for HTTP/2, close for HTTP/1.1).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let req = request("GET", "/", empty());
+        assert!(
+            c.send(req).await.is_err(),
+            "h2={h2}: connection should be closed after idle_timeout"
+        );
+    }
+    assert_eq!(wait_connections_open(&proxy, 0).await, 0.0);
+}
+
+async fn wait_connections_open(proxy: &Proxy, want: u64) -> f64 {
+    let mut v = -1.0;
+    for _ in 0..60 {
+        v = metric(&proxy.metrics().await, "ephemera_connections_open", &[]);
+        if v == want as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v
+}
+
+#[tokio::test]
+async fn slow_request_headers_are_cut_off_by_header_timeout() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let yaml = config_yaml(&certs, None, "", "", "")
+        .replace("header_timeout: 10s", "header_timeout: 500ms");
+    let proxy = Proxy::start(&yaml).await;
+    let mut tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    // An idle keep-alive connection is not subject to header_timeout (only idle_timeout)…
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // …but a request whose headers trickle in is cut off.
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: local")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(
+        r.is_ok() && rest.is_empty(),
+        "expected a clean close, got {r:?} {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_wait_for_a_free_slot() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let yaml = config_yaml(&certs, None, "", "", "").replace(
+        "    bind: 127.0.0.1:0\n",
+        "    bind: 127.0.0.1:0\n    max_connections: 2\n",
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let cfg = client_config(&certs.ca_der(), &[b"http/1.1"]);
+    let a = tls_connect(proxy.addr, "localhost", cfg.clone())
+        .await
+        .unwrap();
+    let b = tls_connect(proxy.addr, "localhost", cfg.clone())
+        .await
+        .unwrap();
+    // A third handshake is not served while two connections are open…
+    let third = tokio::spawn(tls_connect(proxy.addr, "localhost", cfg.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "third connection must wait at the cap"
+    );
+    assert_eq!(
+        metric(&proxy.metrics().await, "ephemera_connections_open", &[]),
+        2.0
+    );
+    // …and is served as soon as one closes.
+    drop(a);
+    let c = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut c = HttpClient::over(c, false).await;
+    assert_eq!(c.get("/").await.0, 200);
+    drop(b);
+}
+
+#[tokio::test]
+async fn stop_drains_in_flight_requests_and_refuses_new_connections() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    let mut slow = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    let mut idle = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    assert_eq!(idle.get("/").await.0, 200);
+    let in_flight = tokio::spawn(async move { slow.get("/slow/1200").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(
+        (status, &body[..]),
+        (200, &b"slow ok"[..]),
+        "in-flight request completes during the drain"
+    );
+    assert!(
+        TcpStream::connect(proxy.addr).await.is_err(),
+        "no new connections after stop"
+    );
+    // The idle HTTP/1.1 keep-alive connection was closed by the drain.
+    assert!(idle.send(request("GET", "/", empty())).await.is_err());
+    let mut proxy = proxy;
+    tokio::time::timeout(Duration::from_secs(5), &mut proxy.task)
+        .await
+        .expect("drain finished")
+        .unwrap();
+}
