@@ -8,7 +8,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Handshake failure reasons: a small closed set, used as the `reason` label and in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +102,13 @@ impl UpstreamErrorKind {
         }
     }
 }
+
+/// The TLS 1.3 suites as labelled in `ephemera_tls_handshakes_total{cipher_suite}`.
+pub const HANDSHAKE_SUITES: [&str; 3] = [
+    "TLS13_AES_128_GCM_SHA256",
+    "TLS13_AES_256_GCM_SHA384",
+    "TLS13_CHACHA20_POLY1305_SHA256",
+];
 
 /// HTTP versions as labelled in `ephemera_http_requests_total{version}`.
 pub const HTTP_VERSIONS: [&str; 3] = ["HTTP/1.0", "HTTP/1.1", "HTTP/2"];
@@ -245,7 +252,7 @@ impl Metrics {
     }
 
     /// Resolve every per-listener handle once. `groups` is the listener's policy.
-    pub fn listener(&self, listener: &str, groups: &[&str]) -> ListenerMetrics {
+    pub fn listener(&self, listener: &str, groups: &[&'static str]) -> ListenerMetrics {
         self.policy_info
             .with_label_values(&[listener, "TLSv1.3", &groups.join(","), "off"])
             .set(1);
@@ -259,6 +266,20 @@ impl Metrics {
                 )
             })
             .collect();
+        // Every combination of the listener's groups, the three suites and the ALPN outcomes,
+        // resolved now: the handshake path then only reads an immutable map.
+        let mut handshakes = HashMap::new();
+        for g in groups {
+            for suite in HANDSHAKE_SUITES {
+                for alpn in ["h2", "http/1.1", "none"] {
+                    handshakes.insert(
+                        (*g, suite, alpn),
+                        self.handshakes
+                            .with_label_values(&[listener, g, suite, alpn]),
+                    );
+                }
+            }
+        }
         let mut http_requests = HashMap::new();
         for v in HTTP_VERSIONS {
             for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
@@ -272,7 +293,7 @@ impl Metrics {
             inner: Arc::new(ListenerInner {
                 name: listener.to_string(),
                 handshakes_vec: self.handshakes.clone(),
-                handshakes: Mutex::new(HashMap::new()),
+                handshakes,
                 failures,
                 duration: self.handshake_duration.with_label_values(&[listener]),
                 hello_retry_requests: self.hello_retry_requests.with_label_values(&[listener]),
@@ -315,7 +336,7 @@ struct ListenerInner {
     name: String,
     handshakes_vec: IntCounterVec,
     // Keyed by (group, suite, alpn), all from closed sets: at most 4 x 3 x 3 entries.
-    handshakes: Mutex<HashMap<(&'static str, &'static str, &'static str), IntCounter>>,
+    handshakes: HashMap<(&'static str, &'static str, &'static str), IntCounter>,
     failures: HashMap<HandshakeFailure, IntCounter>,
     duration: Histogram,
     hello_retry_requests: IntCounter,
@@ -336,24 +357,15 @@ impl ListenerMetrics {
         alpn: &'static str,
         seconds: f64,
     ) {
-        let counter = {
-            let mut map = self
+        match self.inner.handshakes.get(&(group, suite, alpn)) {
+            Some(c) => c.inc(),
+            // Not reachable with the policy's groups and suites; counted all the same.
+            None => self
                 .inner
-                .handshakes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            map.entry((group, suite, alpn))
-                .or_insert_with(|| {
-                    self.inner.handshakes_vec.with_label_values(&[
-                        &self.inner.name,
-                        group,
-                        suite,
-                        alpn,
-                    ])
-                })
-                .clone()
-        };
-        counter.inc();
+                .handshakes_vec
+                .with_label_values(&[&self.inner.name, group, suite, alpn])
+                .inc(),
+        }
         self.inner.duration.observe(seconds);
     }
 

@@ -6,17 +6,23 @@
 //! client: choosing the server before the request is handed over lets a refused connect move
 //! on to the next server without losing a streamed request body.
 
-use crate::body::ProxyBody;
+use crate::body::{BoxError, ProxyBody};
 use crate::config::UpstreamConfig;
 use crate::metrics::{UpstreamErrorKind, UpstreamMetrics};
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Idle connections older than this are not reused: backends close idle keep-alive
@@ -189,10 +195,11 @@ impl Upstream {
     }
 
     /// Send `req` (origin-form URI, headers already rewritten) and wait for response headers.
-    pub async fn send(
-        &self,
-        mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    /// `response_timeout` runs from the moment the request body has been sent in full, so a
+    /// long upload is not cut off by it.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+        let (body_sent_tx, body_sent) = watch::channel(false);
+        let mut req = req.map(|b| SentSignal::new(b, body_sent_tx).boxed());
         let mut last_err = None;
         for server in self.order() {
             // A reused connection may have been closed by the backend just now; hyper then
@@ -217,9 +224,15 @@ impl Upstream {
                     },
                 };
                 let started = Instant::now();
-                let sent =
-                    tokio::time::timeout(self.response_timeout, conn.sender.try_send_request(req))
-                        .await;
+                let deadline = async {
+                    // Err: the body is gone (failed or dropped); the timer starts anyway.
+                    let _ = body_sent.clone().wait_for(|sent| *sent).await;
+                    tokio::time::sleep(self.response_timeout).await;
+                };
+                let sent = tokio::select! {
+                    r = conn.sender.try_send_request(req) => Ok(r),
+                    _ = deadline => Err(()),
+                };
                 match sent {
                     Ok(Ok(resp)) => {
                         self.metrics.observe(started.elapsed().as_secs_f64());
@@ -264,5 +277,65 @@ impl Upstream {
             server,
             source,
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that reports when it has been sent in full.
+    struct SentSignal {
+        #[pin]
+        inner: ProxyBody,
+        sent: Option<watch::Sender<bool>>,
+    }
+}
+
+impl SentSignal {
+    fn new(inner: ProxyBody, sent: watch::Sender<bool>) -> SentSignal {
+        let mut s = SentSignal {
+            inner,
+            sent: Some(sent),
+        };
+        if s.inner.is_end_stream() {
+            s.fire();
+        }
+        s
+    }
+
+    fn fire(&mut self) {
+        if let Some(tx) = self.sent.take() {
+            let _ = tx.send(true);
+        }
+    }
+}
+
+impl Body for SentSignal {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let r = inner.as_mut().poll_frame(cx);
+        // hyper stops polling once `is_end_stream` is true, so check after every frame.
+        let ended = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(tx) = this.sent.take() {
+            let _ = tx.send(true);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -320,3 +320,34 @@ async fn http10_without_host_uses_the_wildcard_route() {
     );
     assert!(text.contains("x-forwarded-proto: https"), "{text}");
 }
+
+#[tokio::test]
+async fn response_timeout_starts_after_the_request_body_is_sent() {
+    let _serial = serial().await;
+    let (certs, proxy, _) = proxy_to_backend("", "    response_timeout: 300ms\n").await;
+    for h2 in [false, true] {
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        // 10 chunks 100 ms apart: the upload alone takes longer than response_timeout.
+        let chunks = futures_util::stream::unfold(0usize, |i| async move {
+            if i == 10 {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            Some((
+                Ok::<_, BoxError>(hyper::body::Frame::data(bytes::Bytes::from(pattern(
+                    i * 1000,
+                    1000,
+                )))),
+                i + 1,
+            ))
+        });
+        let body = http_body_util::StreamBody::new(chunks).boxed();
+        let resp = c.send(request("POST", "/hash", body)).await.unwrap();
+        assert_eq!(resp.status(), 200, "h2={h2}");
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            format!("10000 {}", sha256(&pattern(0, 10000)))
+        );
+    }
+}
