@@ -7,6 +7,18 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+/// Leaf validity: 397 days, the most browsers accept. The CA lives a little longer.
+const LEAF_DAYS: i64 = 397;
+const CA_DAYS: i64 = 2 * 365;
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    // A day of slack for clients whose clocks run behind.
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(days);
+}
 
 /// A certificate (chain) and its private key, PEM-encoded.
 pub struct Issued {
@@ -39,6 +51,7 @@ fn leaf_params(names: &[String]) -> Result<CertificateParams, rcgen::Error> {
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut params, LEAF_DAYS);
     Ok(params)
 }
 
@@ -62,6 +75,7 @@ pub fn ca_and_leaf(names: &[String]) -> Result<(Issued, Issued), CertgenError> {
     ca_params.distinguished_name = dn;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca_params, CA_DAYS);
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let ca_pem = ca_cert.pem();
     let ca_key_pem = ca_key.serialize_pem();

@@ -29,7 +29,6 @@ fn main() {
     let code = match runtime.block_on(cli::run(args.command)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             1
         }

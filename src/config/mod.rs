@@ -14,9 +14,11 @@ use std::time::Duration;
 
 pub use validate::{DEFAULT_ADMIN_BIND, DEFAULT_LISTEN};
 
-/// Where a value came from in the config file: its key path and line, for error messages.
+/// Where a value came from: the config file, its key path and line, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
+    /// The config file (or "command line", "built-in default").
+    pub file: String,
     /// Key path, e.g. `listeners[0].tls.certificates[1].key`.
     pub key: String,
     /// 1-based line in the config file; 0 when the value is built in (no file).
@@ -26,9 +28,9 @@ pub struct Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
-            write!(f, "{} (built-in default)", self.key)
+            write!(f, "{}: {}", self.file, self.key)
         } else {
-            write!(f, "{} (line {})", self.key, self.line)
+            write!(f, "{}: {} (line {})", self.file, self.key, self.line)
         }
     }
 }
@@ -210,18 +212,17 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// YAML syntax error, unknown key, or a value of the wrong type.
-    #[error("{file}: {source}")]
+    /// YAML syntax error, unknown key, or a value of the wrong type (with line and column).
+    #[error("{file}: {}", source.without_snippet())]
     Parse {
         file: String,
         #[source]
         source: Box<serde_saphyr::Error>,
     },
     /// A value parsed but is not acceptable (bad address, unknown group, dangling reference…).
-    #[error("{file}: {origin}: {message}")]
+    #[error("{origin}: {message}")]
     Invalid {
-        file: String,
-        origin: Origin,
+        origin: Box<Origin>,
         message: String,
     },
 }

@@ -23,11 +23,11 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&self, key: impl Into<String>, line: u64, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
-            file: self.file.to_string(),
-            origin: Origin {
+            origin: Box::new(Origin {
+                file: self.file.to_string(),
                 key: key.into(),
                 line,
-            },
+            }),
             message: message.into(),
         }
     }
@@ -202,6 +202,7 @@ fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError
                 cert: PemSource::File(PathBuf::from(c.value.cert.value.trim())),
                 key: PemSource::File(PathBuf::from(c.value.key.value.trim())),
                 origin: Origin {
+                    file: cx.file.to_string(),
                     key: ck,
                     line: line(c),
                 },
@@ -528,7 +529,8 @@ impl Config {
                             pem: key_pem,
                         },
                         origin: Origin {
-                            key: "embedded default certificate".to_string(),
+                            file: "built-in default".to_string(),
+                            key: "certificate".to_string(),
                             line: 0,
                         },
                     }],

@@ -147,15 +147,20 @@ impl TlsAcceptor {
         let unknown_sni = self.strict_sni && !self.resolver.covers(name.as_deref());
         match start.into_stream(self.config.clone()).await {
             Ok(s) => Ok(s),
-            // The resolver returned no certificate and rustls sent access_denied.
-            Err(_) if unknown_sni => Err((
-                HandshakeFailure::UnknownSni,
-                match name {
-                    Some(_) => "strict_sni: no certificate covers the requested name".to_string(),
-                    None => "strict_sni: the client sent no SNI name".to_string(),
-                },
-            )),
-            Err(e) => Err(classify_io(&e)),
+            Err(e) => {
+                let (reason, detail) = classify_io(&e);
+                // rustls checks version, groups and suites before it asks the resolver for a
+                // certificate; only its generic "no certificate resolved" error (sent with an
+                // access_denied alert) is the strict-SNI refusal.
+                if unknown_sni && reason == HandshakeFailure::Other {
+                    let why = match name {
+                        Some(_) => "strict_sni: no certificate covers the requested name",
+                        None => "strict_sni: the client sent no SNI name",
+                    };
+                    return Err((HandshakeFailure::UnknownSni, why.to_string()));
+                }
+                Err((reason, detail))
+            }
         }
     }
 

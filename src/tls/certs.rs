@@ -23,21 +23,21 @@ pub enum CertError {
     /// The file could not be read (missing, unreadable).
     #[error("{origin}: cannot read {file}: {source}")]
     Read {
-        origin: Origin,
+        origin: Box<Origin>,
         file: String,
         #[source]
         source: std::io::Error,
     },
     /// The certificate file holds no `CERTIFICATE` PEM block, or a block is corrupt.
     #[error("{origin}: {file} holds no valid PEM certificate")]
-    NoCertificate { origin: Origin, file: String },
+    NoCertificate { origin: Box<Origin>, file: String },
     /// The key file holds no private key (PKCS#8, PKCS#1 or SEC1 PEM).
     #[error("{origin}: {file} holds no valid PEM private key")]
-    NoKey { origin: Origin, file: String },
+    NoKey { origin: Box<Origin>, file: String },
     /// The key type is not supported (supported: ECDSA P-256/P-384, RSA 2048+, Ed25519).
     #[error("{origin}: unsupported private key in {file}: {source}")]
     UnsupportedKey {
-        origin: Origin,
+        origin: Box<Origin>,
         file: String,
         #[source]
         source: rustls::Error,
@@ -45,14 +45,14 @@ pub enum CertError {
     /// The private key is not the one the certificate was issued for.
     #[error("{origin}: private key {key_file} does not match certificate {cert_file}")]
     KeyMismatch {
-        origin: Origin,
+        origin: Box<Origin>,
         cert_file: String,
         key_file: String,
     },
     /// The leaf certificate could not be parsed as X.509.
     #[error("{origin}: cannot parse certificate in {file}: {detail}")]
     BadCertificate {
-        origin: Origin,
+        origin: Box<Origin>,
         file: String,
         detail: String,
     },
@@ -73,7 +73,7 @@ fn read(src: &PemSource, origin: &Origin) -> Result<Vec<u8>, CertError> {
     match src {
         PemSource::Memory { pem, .. } => Ok(pem.clone()),
         PemSource::File(path) => std::fs::read(path).map_err(|source| CertError::Read {
-            origin: origin.clone(),
+            origin: Box::new(origin.clone()),
             file: path.display().to_string(),
             source,
         }),
@@ -89,25 +89,25 @@ pub fn load(src: &CertificateSource, provider: &CryptoProvider) -> Result<Loaded
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|_| CertError::NoCertificate {
-            origin: origin.clone(),
+            origin: Box::new(origin.clone()),
             file: cert_file.clone(),
         })?;
     if chain.is_empty() {
         return Err(CertError::NoCertificate {
-            origin: origin.clone(),
+            origin: Box::new(origin.clone()),
             file: cert_file,
         });
     }
     let key_pem = read(&src.key, origin)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| CertError::NoKey {
-        origin: origin.clone(),
+        origin: Box::new(origin.clone()),
         file: key_file.clone(),
     })?;
     let signing_key = provider
         .key_provider
         .load_private_key(key)
         .map_err(|source| CertError::UnsupportedKey {
-            origin: origin.clone(),
+            origin: Box::new(origin.clone()),
             file: key_file.clone(),
             source,
         })?;
@@ -117,14 +117,14 @@ pub fn load(src: &CertificateSource, provider: &CryptoProvider) -> Result<Loaded
     // aws-lc-rs keys we load, and is treated as a mismatch to be safe.
     if certified.keys_match().is_err() {
         return Err(CertError::KeyMismatch {
-            origin: origin.clone(),
+            origin: Box::new(origin.clone()),
             cert_file,
             key_file,
         });
     }
     let (names, not_after) =
         leaf_facts(&certified.cert[0]).map_err(|detail| CertError::BadCertificate {
-            origin: origin.clone(),
+            origin: Box::new(origin.clone()),
             file: cert_file,
             detail,
         })?;

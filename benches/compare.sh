@@ -1,0 +1,530 @@
+#!/usr/bin/env bash
+# Server CPU per full TLS 1.3 handshake: ephemera vs nginx vs HAProxy, side by side.
+#
+#   bash benches/compare.sh                      # DURATION=10 ROUNDS=2
+#   DURATION=20 ROUNDS=3 bash benches/compare.sh
+#
+# Each server runs pinned to CPU 0 (taskset -c 0) with the same policy (TLS 1.3 only; groups
+# X25519, P-256, P-384; suites AES-128-GCM > AES-256-GCM > ChaCha20 in server order; no
+# session tickets, no session cache; the same ECDSA P-256 certificate chain) and answers a
+# fixed "ok" itself. The load is `openssl s_time -new` pinned to CPU 1: one new TCP
+# connection, one full handshake and one small HTTP/1.0 request per connection. The server's
+# utime+stime (/proc/PID/stat, fields 14 and 15) before and after, divided by the number of
+# connections, is the server CPU per handshake. See benches/README.md.
+#
+# Environment:
+#   DURATION=10        seconds of load per server per round (s_time -time)
+#   ROUNDS=2           how many times the whole set (ephemera, nginx, haproxy) is measured
+#   SERVER_CPU=0       CPU the servers are pinned to
+#   CLIENT_CPU=1       CPU the client (openssl s_time) is pinned to
+#   MAX_BUSY=          if set (a percentage, e.g. 10): other processes may use at most this
+#                      much of the server CPU and of the client CPU. Before each measurement
+#                      wait (up to LOAD_WAIT seconds) until both were below it for 2 s, and
+#                      measure again (up to RETRIES times) if it was exceeded during the run.
+#                      Unset: measure at once, whatever else runs (the table shows it).
+#   LOAD_WAIT=600
+#   RETRIES=3
+#   EPHEMERA_BIN=      use this binary instead of building (cargo build --release --locked)
+#   CARGO_TARGET_DIR   respected by the build
+#   KEEP_TMP=1         keep the temporary directory (configs, logs, s_time outputs)
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-2}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+MAX_BUSY=${MAX_BUSY:-}
+LOAD_WAIT=${LOAD_WAIT:-600}
+RETRIES=${RETRIES:-3}
+KEEP_TMP=${KEEP_TMP:-0}
+SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+SERVERS=(ephemera nginx haproxy)
+
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export LC_ALL=C
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+
+log() { printf '== %s\n' "$*" >&2; }
+die() {
+    printf '\ncompare.sh: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+[[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (seconds), got '$DURATION'"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+[[ -z $MAX_BUSY || $MAX_BUSY =~ ^[0-9]+$ ]] || die "MAX_BUSY must be an integer percentage, got '$MAX_BUSY'"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Tools. Debian/Ubuntu packages; the package scripts may start and enable the system
+#    services (systemd), which we stop and disable again: we only use the binaries.
+# ---------------------------------------------------------------------------------------------
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v openssl >/dev/null || need+=(openssl)
+command -v taskset >/dev/null || need+=(util-linux)
+command -v getconf >/dev/null || need+=(libc-bin)
+if ((${#need[@]})); then
+    command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get: install them by hand"
+    SUDO=()
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null || die "missing ${need[*]}: run as root or install sudo"
+        SUDO=(sudo)
+    fi
+    log "installing ${need[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}" ||
+        { "${SUDO[@]}" apt-get update && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"; }
+    if [[ -d /run/systemd/system ]]; then
+        for pkg in "${need[@]}"; do
+            case $pkg in
+            nginx-light) "${SUDO[@]}" systemctl disable --now nginx >/dev/null 2>&1 || true ;;
+            haproxy) "${SUDO[@]}" systemctl disable --now haproxy >/dev/null 2>&1 || true ;;
+            esac
+        done
+    fi
+fi
+for c in nginx haproxy openssl taskset getconf awk; do
+    command -v "$c" >/dev/null || die "'$c' not found after installation"
+done
+NCPU=$(nproc)
+((SERVER_CPU < NCPU && CLIENT_CPU < NCPU)) ||
+    die "SERVER_CPU=$SERVER_CPU / CLIENT_CPU=$CLIENT_CPU do not exist (nproc=$NCPU)"
+[[ $SERVER_CPU != "$CLIENT_CPU" ]] || log "WARNING: server and client share CPU $SERVER_CPU (nproc=$NCPU)"
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------------------------------------
+# 2. Build ephemera (release), temp dir, certificates, configs.
+# ---------------------------------------------------------------------------------------------
+if [[ -n ${EPHEMERA_BIN:-} ]]; then
+    EPH=$EPHEMERA_BIN
+else
+    log "building ephemera (release; CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target})"
+    (cd "$ROOT" && cargo build --release --locked --bin ephemera) >&2
+    EPH=${CARGO_TARGET_DIR:-$ROOT/target}/release/ephemera
+    [[ $EPH = /* ]] || EPH=$ROOT/$EPH
+fi
+[[ -x $EPH ]] || die "ephemera binary not found at $EPH"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/ephemera-bench.XXXXXX")
+declare -A PID=() PIDS=() PORT=()
+
+cleanup() {
+    local rc=$? p
+    trap - EXIT INT TERM
+    for p in "${PID[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        local alive=0
+        for p in "${PID[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.3
+    done
+    for p in "${PID[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if ((rc != 0)); then
+        for f in "$TMP"/*.log; do
+            [[ -s $f ]] || continue
+            printf -- '--- %s (last lines)\n' "$f" >&2
+            tail -n 15 "$f" >&2
+        done
+    fi
+    if [[ $KEEP_TMP = 1 ]]; then
+        log "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+declare -A TAKEN=()
+pick_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 30000))
+        [[ -z ${TAKEN[$p]:-} ]] && ! port_in_use "$p" && break
+    done
+    TAKEN[$p]=1
+    echo "$p"
+}
+for s in "${SERVERS[@]}"; do PORT[$s]=$(pick_port); done
+ADMIN_PORT=$(pick_port)
+
+log "certificates: $EPH certs --out $TMP/certs"
+"$EPH" certs --out "$TMP/certs" >"$TMP/certs.log" 2>&1 || die "ephemera certs failed (see $TMP/certs.log)"
+CRT=$TMP/certs/localhost.crt
+KEY=$TMP/certs/localhost.key
+CA=$TMP/certs/ca.crt
+openssl x509 -in "$CRT" -noout -text | grep -q 'ASN1 OID: prime256v1' ||
+    die "$CRT is not an ECDSA P-256 certificate"
+cat "$CRT" "$KEY" >"$TMP/haproxy.pem"
+
+# ephemera: its policy is fixed (TLS 1.3 only, server suite order AES-128 > AES-256 > ChaCha20,
+# no tickets, no session cache, no 0-RTT); groups as configured.
+cat >"$TMP/ephemera.yaml" <<EOF
+admin:
+  bind: 127.0.0.1:$ADMIN_PORT
+shutdown_grace: 1s
+listeners:
+  - name: bench
+    bind: 127.0.0.1:${PORT[ephemera]}
+    tls:
+      certificates:
+        - { cert: $CRT, key: $KEY }
+      groups: [x25519, secp256r1, secp384r1]
+    routes:
+      - { host: "*", path_prefix: /, respond: { status: 200, body: "ok\n" } }
+EOF
+
+# nginx and HAProxy (OpenSSL 3): with tickets and the session cache off, OpenSSL still sends
+# two TLS 1.3 NewSessionTicket messages per handshake (stateful tickets nobody can redeem, but
+# they cost server CPU and the client stores them). NumTickets=0 stops that: nginx through
+# ssl_conf_command, HAProxy (no such directive) through an OpenSSL config file whose
+# system_default section OpenSSL applies to every SSL_CTX the process creates.
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx.conf" <<EOF
+worker_processes 1;
+pid $TMP/nginx.pid;
+error_log $TMP/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    default_type text/plain;
+    server {
+        listen 127.0.0.1:${PORT[nginx]} ssl;
+        ssl_certificate $CRT;
+        ssl_certificate_key $KEY;
+        ssl_protocols TLSv1.3;
+        ssl_ecdh_curve X25519:prime256v1:secp384r1;
+        ssl_conf_command Ciphersuites $SUITES;
+        ssl_prefer_server_ciphers on;
+        ssl_session_tickets off;
+        ssl_session_cache off;
+        ssl_conf_command NumTickets 0;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+
+cat >"$TMP/haproxy-openssl.cnf" <<EOF
+openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+NumTickets = 0
+EOF
+# Server suite preference is HAProxy's default ("prefer-client-ciphers" would turn it off).
+cat >"$TMP/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    tune.ssl.cachesize 0
+    ssl-default-bind-ciphersuites $SUITES
+    ssl-default-bind-curves X25519:P-256:P-384
+    ssl-default-bind-options ssl-min-ver TLSv1.3 no-tls-tickets
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend bench
+    bind 127.0.0.1:${PORT[haproxy]} ssl crt $TMP/haproxy.pem
+    http-request return status 200 content-type text/plain string "ok"
+EOF
+
+"$EPH" check --config "$TMP/ephemera.yaml" >"$TMP/ephemera-check.log" 2>&1 ||
+    die "ephemera check rejected the config: $(cat "$TMP/ephemera-check.log")"
+nginx -t -p "$TMP/nginx/" -c "$TMP/nginx.conf" -e "$TMP/nginx-error.log" >"$TMP/nginx-check.log" 2>&1 ||
+    die "nginx -t rejected the config: $(cat "$TMP/nginx-check.log")"
+OPENSSL_CONF=$TMP/haproxy-openssl.cnf haproxy -c -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 ||
+    die "haproxy -c rejected the config: $(cat "$TMP/haproxy-check.log")"
+
+# ---------------------------------------------------------------------------------------------
+# 3. Start the servers, pinned to SERVER_CPU. (env and taskset exec, so $! is the server.)
+# ---------------------------------------------------------------------------------------------
+start() {
+    local name=$1
+    shift
+    taskset -c "$SERVER_CPU" "$@" >"$TMP/$name.log" 2>&1 &
+    PID[$name]=$!
+}
+start ephemera env EPHEMERA_LOG=warn "$EPH" serve --config "$TMP/ephemera.yaml"
+start nginx nginx -p "$TMP/nginx/" -c "$TMP/nginx.conf" -e "$TMP/nginx-error.log" -g 'daemon off;'
+start haproxy env OPENSSL_CONF="$TMP/haproxy-openssl.cnf" haproxy -db -f "$TMP/haproxy.cfg"
+
+children_of() {
+    local f st
+    for f in /proc/[0-9]*/stat; do
+        { st=$(<"$f"); } 2>/dev/null || continue
+        st=${st##*) }
+        read -r _ ppid _ <<<"$st"
+        [[ $ppid = "$1" ]] && { f=${f#/proc/}; echo "${f%/stat}"; }
+    done
+    return 0
+}
+
+for s in "${SERVERS[@]}"; do
+    for ((i = 0; ; i++)); do
+        kill -0 "${PID[$s]}" 2>/dev/null || die "$s exited at start (log: $(tail -n 5 "$TMP/$s.log" 2>/dev/null))"
+        port_in_use "${PORT[$s]}" && break
+        ((i < 100)) || die "$s does not listen on 127.0.0.1:${PORT[$s]} after 10 s"
+        sleep 0.1
+    done
+done
+# The processes whose CPU counts: the server, and for nginx the master and its worker(s).
+sleep 0.5
+PIDS[ephemera]=${PID[ephemera]}
+PIDS[haproxy]=${PID[haproxy]}
+workers=$(children_of "${PID[nginx]}" | tr '\n' ' ')
+[[ -n $workers ]] || die "nginx master ${PID[nginx]} has no worker process"
+PIDS[nginx]="${PID[nginx]} ${workers% }"
+for s in "${SERVERS[@]}"; do
+    for p in ${PIDS[$s]}; do
+        aff=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$p/status")
+        thr=$(awk '/^Threads/ {print $2}' "/proc/$p/status")
+        log "$s: pid $p $(tr -d '\0' <"/proc/$p/comm"), threads $thr, CPUs $aff, port ${PORT[$s]}"
+        [[ $aff = "$SERVER_CPU" ]] || die "$s (pid $p) is not pinned to CPU $SERVER_CPU (Cpus_allowed_list=$aff)"
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# 4. Verify the policy is the same everywhere before measuring anything.
+# ---------------------------------------------------------------------------------------------
+sclient() { # port out-file extra-args...: one connection, GET /, wait for the server to close
+    local port=$1 out=$2
+    shift 2
+    printf 'GET / HTTP/1.0\r\n\r\n' |
+        timeout 10 openssl s_client -connect "127.0.0.1:$port" -servername localhost \
+            -CAfile "$CA" -verify_hostname localhost -ign_eof "$@" >"$out" 2>&1
+}
+verify() {
+    local s=$1 port=${PORT[$1]} out=$TMP/verify-$1 g want
+    rm -f "$out.sess"
+    sclient "$port" "$out.default" -sess_out "$out.sess" ||
+        die "$s: TLS connection with openssl s_client failed: $(tail -n 5 "$out.default")"
+    grep -q 'New, TLSv1.3, Cipher is TLS_AES_128_GCM_SHA256' "$out.default" ||
+        die "$s: expected TLSv1.3 with TLS_AES_128_GCM_SHA256 (server preference over the client's AES-256 first), got: $(grep 'Cipher is' "$out.default")"
+    grep -q 'Verify return code: 0 (ok)' "$out.default" ||
+        die "$s: certificate chain does not verify against $CA: $(grep 'Verify return' "$out.default")"
+    grep -q 'Server Temp Key: X25519' "$out.default" ||
+        die "$s: default client (X25519 key share) did not get X25519: $(grep 'Temp Key' "$out.default")"
+    { grep -q '^HTTP/1\.[01] 200' "$out.default" && grep -q '^ok' "$out.default"; } ||
+        die "$s: response is not '200 ... ok': $(grep -A8 '^HTTP/' "$out.default" | sed -n 1,8p)"
+    if grep -q 'New Session Ticket' "$out.default" || [[ -e $out.sess ]]; then
+        die "$s issues TLS 1.3 session tickets (policy not equivalent): $(grep -c 'New Session Ticket' "$out.default") NewSessionTicket message(s)"
+    fi
+    for g in X25519 P-256 P-384; do
+        case $g in X25519) want='X25519' ;; P-256) want='prime256v1' ;; P-384) want='secp384r1' ;; esac
+        sclient "$port" "$out.$g" -groups "$g" ||
+            die "$s: handshake with only group $g offered failed: $(tail -n 3 "$out.$g")"
+        grep -q "Server Temp Key: .*$want" "$out.$g" ||
+            die "$s: group $g not negotiated: $(grep 'Temp Key' "$out.$g")"
+    done
+    if sclient "$port" "$out.ffdhe" -groups ffdhe2048 && grep -q 'Cipher is TLS' "$out.ffdhe"; then
+        die "$s accepts FFDHE (ffdhe2048): policy not equivalent"
+    fi
+    if sclient "$port" "$out.tls12" -tls1_2 && grep -q 'Cipher is [A-Z]' "$out.tls12"; then
+        die "$s accepts TLS 1.2: policy not equivalent"
+    fi
+    log "$s: policy OK (TLS 1.3 only; AES-128-GCM chosen over the client's order; X25519/P-256/P-384 yes, FFDHE no; no ticket; chain verifies; 200 ok)"
+}
+for s in "${SERVERS[@]}"; do verify "$s"; done
+
+# ---------------------------------------------------------------------------------------------
+# 5. Measure.
+# ---------------------------------------------------------------------------------------------
+cpu_ticks() { # pids... -> "utime stime" (clock ticks, all threads)
+    local u=0 st=0 p rest f
+    for p; do
+        rest=$(<"/proc/$p/stat") || die "process $p is gone"
+        rest=${rest##*) }
+        read -r -a f <<<"$rest"
+        u=$((u + f[11]))
+        st=$((st + f[12]))
+    done
+    echo "$u $st"
+}
+cpu_busy() { # CPU n -> "busy total" ticks from /proc/stat (busy includes irq, softirq, steal)
+    awk -v c="cpu$1" '$1 == c {b = $2 + $3 + $4 + $7 + $8 + $9; print b, b + $5 + $6}' /proc/stat
+}
+child_ticks() { # utime+stime of this shell's reaped children (cutime+cstime), without forking
+    local line f
+    read -r line <"/proc/$$/stat"
+    read -r -a f <<<"${line##*) }"
+    echo $((f[13] + f[14]))
+}
+eph_counter() { # metric name -> sum over label sets, from ephemera's admin /metrics
+    local body
+    body=$(
+        exec 3<>"/dev/tcp/127.0.0.1/$ADMIN_PORT"
+        printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+        cat <&3
+    ) || die "cannot read ephemera metrics on 127.0.0.1:$ADMIN_PORT"
+    awk -v m="$1" '($1 == m || index($1, m "{") == 1) {s += $NF} END {printf "%d\n", s}' <<<"$body"
+}
+pct() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%d\n", (b > 0 ? 100 * a / b + 0.5 : 0)}'; }
+wait_quiet() { # until the server and client CPUs were < MAX_BUSY % busy for 2 s
+    [[ -n $MAX_BUSY ]] || return 0
+    local waited=0 a0 at0 b0 bt0 a1 at1 b1 bt1 pa pb
+    while :; do
+        read -r a0 at0 < <(cpu_busy "$SERVER_CPU")
+        read -r b0 bt0 < <(cpu_busy "$CLIENT_CPU")
+        sleep 2
+        read -r a1 at1 < <(cpu_busy "$SERVER_CPU")
+        read -r b1 bt1 < <(cpu_busy "$CLIENT_CPU")
+        pa=$(pct $((a1 - a0)) $((at1 - at0)))
+        pb=$(pct $((b1 - b0)) $((bt1 - bt0)))
+        ((pa < MAX_BUSY && pb < MAX_BUSY)) && return 0
+        ((waited < LOAD_WAIT)) || { log "CPUs still busy ($pa% / $pb%) after ${LOAD_WAIT}s; measuring anyway"; return 0; }
+        ((waited % 30 == 0)) && log "waiting for a quiet machine: CPU $SERVER_CPU $pa% busy, CPU $CLIENT_CPU $pb% busy (MAX_BUSY=$MAX_BUSY); load $(cut -d' ' -f1-3 /proc/loadavg)"
+        waited=$((waited + 2))
+    done
+}
+
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+# One measurement; appends a line to $RESULTS. Returns 1 if other processes used more than
+# MAX_BUSY % of the server or client CPU meanwhile (the caller may measure again).
+measure_once() { # round server retries-left
+    local r=$1 s=$2 port=${PORT[$2]} out=$TMP/s_time-$2-$1.out flag=""
+    local u0 s0 u1 s1 a0 at0 a1 at1 b0 bt0 b1 bt1 c0 c1 w0 w1 conns resumed load
+    local hs0=0 hs1=0 rs0=0 rs1=0 oa ob
+    wait_quiet
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    if [[ $s = ephemera ]]; then
+        hs0=$(eph_counter ephemera_tls_handshakes_total)
+        rs0=$(eph_counter ephemera_tls_resumed_handshakes_total)
+    fi
+    # shellcheck disable=SC2086
+    read -r u0 s0 < <(cpu_ticks ${PIDS[$s]})
+    read -r a0 at0 < <(cpu_busy "$SERVER_CPU")
+    read -r b0 bt0 < <(cpu_busy "$CLIENT_CPU")
+    w0=$(date +%s.%N)
+    c0=$(child_ticks)
+    taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:$port" -new -time "$DURATION" -www / >"$out" 2>&1 ||
+        die "$s: openssl s_time failed: $(tail -n 5 "$out")"
+    c1=$(child_ticks)
+    w1=$(date +%s.%N)
+    read -r a1 at1 < <(cpu_busy "$SERVER_CPU")
+    read -r b1 bt1 < <(cpu_busy "$CLIENT_CPU")
+    # shellcheck disable=SC2086
+    read -r u1 s1 < <(cpu_ticks ${PIDS[$s]})
+    conns=$({ grep -Eo '^[0-9]+ connections in [0-9.]+s;' "$out" || true; } | sed -n '1s/ .*//p')
+    [[ -n $conns && $conns -gt 0 ]] || die "$s: cannot parse the connection count from s_time: $(tail -n 3 "$out")"
+    # s_time prints one character per connection: '*' new session, 'r' resumed.
+    resumed=$({ grep -E '^[*r3t]+$' "$out" || true; } | tr -cd 'r' | wc -c)
+    ((resumed == 0)) || die "$s: $resumed of $conns s_time connections were resumed"
+    if [[ $s = ephemera ]]; then
+        hs1=$(eph_counter ephemera_tls_handshakes_total)
+        rs1=$(eph_counter ephemera_tls_resumed_handshakes_total)
+        ((rs1 == rs0)) || die "ephemera counted $((rs1 - rs0)) resumed handshakes"
+        ((hs1 - hs0 == conns)) ||
+            log "note: ephemera counted $((hs1 - hs0)) handshakes, s_time $conns connections"
+    fi
+    # Other processes' share of each CPU: busy ticks minus ours (server on one, client on the
+    # other; the few ticks of date/cut in the window count as "other").
+    oa=$(pct $((a1 - a0 - (u1 - u0) - (s1 - s0))) $((at1 - at0)))
+    ob=$(pct $((b1 - b0 - (c1 - c0))) $((bt1 - bt0)))
+    ((oa < 0)) && oa=0
+    ((ob < 0)) && ob=0
+    local busy=0
+    if [[ -n $MAX_BUSY ]] && ((oa >= MAX_BUSY || ob >= MAX_BUSY)); then
+        busy=1
+        (($3 > 0)) || flag="!"
+    fi
+    if ((busy == 0 || $3 == 0)); then
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$s" "$conns" "$w0" "$w1" \
+            "$((u1 - u0))" "$((s1 - s0))" "$((c1 - c0))" "$oa" "$ob" "$load" "$CLK_TCK" "$flag" >>"$RESULTS"
+    fi
+    awk -v r="$r" -v s="$s" -v c="$conns" -v w="$(awk -v a="$w0" -v b="$w1" 'BEGIN {print b - a}')" \
+        -v u="$((u1 - u0))" -v y="$((s1 - s0))" -v cl="$((c1 - c0))" -v hz="$CLK_TCK" -v oa="$oa" -v ob="$ob" -v l="$load" 'BEGIN {
+        us = 1e6 / hz
+        printf "round %s %-8s %6d conns %6.0f conn/s  server %6.1f us/hs (user %.1f, sys %.1f)  client %6.1f us/hs  other procs: %d%% / %d%% of server/client CPU  load %s\n",
+            r, s, c, c / w, (u + y) * us / c, u * us / c, y * us / c, cl * us / c, oa, ob, l }' >&2
+    if ((busy)) && (($3 > 0)); then
+        log "other processes used ${oa}% / ${ob}% of CPU $SERVER_CPU / $CLIENT_CPU (MAX_BUSY=$MAX_BUSY): measuring $s again"
+        return 1
+    fi
+    return 0
+}
+measure() { # round server
+    local left=$RETRIES
+    until measure_once "$1" "$2" "$left"; do left=$((left - 1)); done
+}
+
+# Warm up each server (page faults, allocator, first-use paths), not measured.
+for s in "${SERVERS[@]}"; do
+    taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:${PORT[$s]}" -new -time 1 -www / >/dev/null 2>&1 ||
+        die "$s: warm-up s_time failed"
+done
+
+START_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+log "measuring: $ROUNDS round(s) x ${#SERVERS[@]} servers x ${DURATION}s; load now: $(cut -d' ' -f1-3 /proc/loadavg)"
+for ((r = 1; r <= ROUNDS; r++)); do
+    # Rotate the order each round so slow drifts in background load do not favour one server.
+    for ((k = 0; k < ${#SERVERS[@]}; k++)); do
+        measure "$r" "${SERVERS[$(((k + r - 1) % ${#SERVERS[@]}))]}"
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# 6. Report (markdown).
+# ---------------------------------------------------------------------------------------------
+MODEL=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | sed -n 1p)
+NGINX_V=$(nginx -v 2>&1 | sed 's/^nginx version: //')
+HAPROXY_V=$(haproxy -v 2>&1 | awk 'NR == 1 {print $1, $3}')
+EPH_V=$("$EPH" --version 2>&1 | sed -n 1p)
+OPENSSL_V=$(openssl version)
+
+CMD="DURATION=$DURATION ROUNDS=$ROUNDS"
+[[ -n $MAX_BUSY ]] && CMD="$CMD MAX_BUSY=$MAX_BUSY"
+{
+    echo
+    echo "### TLS 1.3 full handshake: server CPU per connection"
+    echo
+    echo "- date: $START_DATE; command: \`$CMD bash benches/compare.sh\`"
+    echo "- machine: nproc=$NCPU, ${MODEL:-unknown CPU}, kernel $(uname -r); servers pinned to CPU $SERVER_CPU, client to CPU $CLIENT_CPU; CLK_TCK=$CLK_TCK"
+    echo "- software: $EPH_V; $NGINX_V; $HAPROXY_V; $OPENSSL_V (client, and the library of nginx and HAProxy)"
+    echo "- load: \`openssl s_time -connect 127.0.0.1:PORT -new -time $DURATION -www /\`, one connection at a time: new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256), GET /, close"
+    echo
+    echo "| round | server | connections | conn/s | server user µs/hs | server sys µs/hs | **server total µs/hs** | server CPU busy | client µs/hs | other procs on CPU $SERVER_CPU / $CLIENT_CPU | load 1m |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    awk -F'\t' '{
+        c = $3; w = $5 - $4; us = 1e6 / $12; mine = $6 + $7
+        printf "| %s | %s%s | %d | %.0f | %.1f | %.1f | **%.1f** | %.0f%% | %.1f | %d%% / %d%% | %s |\n",
+            $1, $2, $13, c, c / w, $6 * us / c, $7 * us / c, mine * us / c, 100 * mine * us / 1e6 / w,
+            $8 * us / c, $9, $10, $11 }' "$RESULTS"
+    if grep -q '!$' "$RESULTS"; then
+        echo
+        echo "\`!\`: other processes used more than MAX_BUSY=$MAX_BUSY% of a CPU during this measurement, even after $RETRIES retries."
+    fi
+    echo
+    echo "| server | server total µs/handshake, all rounds (min–max of rounds) | ratio to ephemera |"
+    echo "|---|---:|---:|"
+    awk -F'\t' '{
+        s = $2; us = 1e6 / $12; v = ($6 + $7) * us / $3
+        ticks[s] += $6 + $7; conns[s] += $3; scale[s] = us
+        if (!(s in lo) || v < lo[s]) lo[s] = v
+        if (!(s in hi) || v > hi[s]) hi[s] = v
+        if (!(s in seen)) { seen[s] = 1; order[++n] = s }
+    } END {
+        base = ticks["ephemera"] * scale["ephemera"] / conns["ephemera"]
+        for (i = 1; i <= n; i++) {
+            s = order[i]; m = ticks[s] * scale[s] / conns[s]
+            printf "| %s | %.1f (%.1f–%.1f) | %.2f |\n", s, m, lo[s], hi[s], (base > 0 ? m / base : 0)
+        }
+    }' "$RESULTS"
+    echo
+    awk -F'\t' '{ v[$1, $2] = ($6 + $7) / $3; if ($1 > R) R = $1 } END {
+        printf "Per-round ratios of server CPU per handshake:"
+        for (r = 1; r <= R; r++) {
+            e = v[r, "ephemera"]
+            if (e > 0) printf " round %d: nginx/ephemera %.2f, haproxy/ephemera %.2f%s", r,
+                v[r, "nginx"] / e, v[r, "haproxy"] / e, (r < R ? ";" : "")
+        }
+        printf ".\n" }' "$RESULTS"
+}
