@@ -127,6 +127,12 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_errors: IntCounterVec,
+    key_updates: IntCounterVec,
+    key_update_failures: IntCounterVec,
+    key_updates_deferred: IntCounterVec,
+    connection_key_updates: HistogramVec,
+    connection_duration: HistogramVec,
+    connection_bytes: HistogramVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -234,6 +240,58 @@ impl Metrics {
                 "Backend errors by kind (connect, connect_timeout, response_timeout, protocol).",
                 &["upstream", "kind"],
             ),
+            key_updates: counter_vec(
+                &r,
+                "ephemera_tls_key_updates_total",
+                "TLS 1.3 KeyUpdates forced by policy, by trigger (bytes or age).",
+                &["listener", "trigger"],
+            ),
+            key_update_failures: counter_vec(
+                &r,
+                "ephemera_tls_key_update_failures_total",
+                "Forced KeyUpdates that rustls refused.",
+                &["listener"],
+            ),
+            key_updates_deferred: counter_vec(
+                &r,
+                "ephemera_tls_key_updates_deferred_total",
+                "Forced KeyUpdates deferred because 31 were already unanswered by application data in one direction (peers abort at 33).",
+                &["listener"],
+            ),
+            connection_key_updates: histogram_vec(
+                &r,
+                "ephemera_tls_connection_key_updates",
+                "Forced KeyUpdates per closed TLS connection.",
+                &["listener"],
+                vec![
+                    0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+                ],
+            ),
+            connection_duration: histogram_vec(
+                &r,
+                "ephemera_tls_connection_duration_seconds",
+                "Lifetime of established TLS connections, from accept to close.",
+                &["listener"],
+                vec![
+                    0.01,
+                    0.1,
+                    1.0,
+                    10.0,
+                    60.0,
+                    300.0,
+                    900.0,
+                    3600.0,
+                    4.0 * 3600.0,
+                    24.0 * 3600.0,
+                ],
+            ),
+            connection_bytes: histogram_vec(
+                &r,
+                "ephemera_tls_connection_bytes",
+                "Application data per closed TLS connection, both directions.",
+                &["listener"],
+                (0..14).map(|k| 1024.0 * 4f64.powi(k)).collect(),
+            ),
             registry: r,
         }
     }
@@ -289,8 +347,18 @@ impl Metrics {
                 );
             }
         }
+        let rekey = RekeyMetrics {
+            by_bytes: self.key_updates.with_label_values(&[listener, "bytes"]),
+            by_age: self.key_updates.with_label_values(&[listener, "age"]),
+            failures: self.key_update_failures.with_label_values(&[listener]),
+            deferred: self.key_updates_deferred.with_label_values(&[listener]),
+            per_connection: self.connection_key_updates.with_label_values(&[listener]),
+            duration: self.connection_duration.with_label_values(&[listener]),
+            bytes: self.connection_bytes.with_label_values(&[listener]),
+        };
         ListenerMetrics {
             inner: Arc::new(ListenerInner {
+                rekey,
                 name: listener.to_string(),
                 handshakes_vec: self.handshakes.clone(),
                 handshakes,
@@ -334,6 +402,7 @@ pub struct ListenerMetrics {
 
 struct ListenerInner {
     name: String,
+    rekey: RekeyMetrics,
     handshakes_vec: IntCounterVec,
     // Keyed by (group, suite, alpn), all from closed sets: at most 4 x 3 x 3 entries.
     handshakes: HashMap<(&'static str, &'static str, &'static str), IntCounter>,
@@ -375,6 +444,10 @@ impl ListenerMetrics {
         }
     }
 
+    pub fn rekey(&self) -> &RekeyMetrics {
+        &self.inner.rekey
+    }
+
     pub fn hello_retry_request(&self) {
         self.inner.hello_retry_requests.inc();
     }
@@ -402,6 +475,18 @@ impl ListenerMetrics {
             c.inc();
         }
     }
+}
+
+/// Handles for forced key updates and per-connection figures of one listener.
+#[derive(Clone)]
+pub struct RekeyMetrics {
+    pub by_bytes: IntCounter,
+    pub by_age: IntCounter,
+    pub failures: IntCounter,
+    pub deferred: IntCounter,
+    pub per_connection: Histogram,
+    pub duration: Histogram,
+    pub bytes: Histogram,
 }
 
 /// Decrements `ephemera_connections_open` when dropped.

@@ -68,6 +68,26 @@ pub struct TlsConfig {
     /// Key-exchange groups in server preference order.
     pub groups: Vec<Group>,
     pub handshake_timeout: Duration,
+    /// Forced TLS 1.3 KeyUpdate; `None` when disabled (`key_update: false`).
+    pub key_update: Option<KeyUpdatePolicy>,
+}
+
+/// When to force a KeyUpdate: after `max_bytes` of application data (both directions
+/// together) or `max_age` since the last update, whichever comes first. At least one is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUpdatePolicy {
+    pub max_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+impl KeyUpdatePolicy {
+    pub const DEFAULT: KeyUpdatePolicy = KeyUpdatePolicy {
+        max_bytes: Some(1024 * 1024 * 1024),
+        max_age: Some(Duration::from_secs(3600)),
+    };
+    /// The smallest accepted limits: more frequent updates cost CPU and buy nothing.
+    pub const MIN_BYTES: u64 = 64 * 1024;
+    pub const MIN_AGE: Duration = Duration::from_secs(1);
 }
 
 /// A certificate chain and its private key, as PEM.

@@ -54,6 +54,49 @@ pub struct RawTls {
     pub groups: Option<S<Vec<S<String>>>>,
     #[serde(default)]
     pub handshake_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub key_update: Option<S<RawKeyUpdate>>,
+}
+
+/// `key_update: false` (or `off`), `true`, or `{ max_bytes: 1GiB, max_age: 1h }`.
+#[derive(Debug)]
+pub enum RawKeyUpdate {
+    Switch(bool),
+    Limits(RawKeyUpdateLimits),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyUpdateLimits {
+    #[serde(default)]
+    pub max_bytes: Option<String>,
+    #[serde(default)]
+    pub max_age: Option<String>,
+}
+
+// Hand-written rather than `#[serde(untagged)]`: untagged enums replace every inner error
+// (an unknown key, say) with "data did not match any variant".
+impl<'de> Deserialize<'de> for RawKeyUpdate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawKeyUpdate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("false, true, or a map { max_bytes: SIZE, max_age: DURATION }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawKeyUpdate, E> {
+                Ok(RawKeyUpdate::Switch(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawKeyUpdate, A::Error> {
+                RawKeyUpdateLimits::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawKeyUpdate::Limits)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

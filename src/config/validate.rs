@@ -243,7 +243,55 @@ fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError
             &r.handshake_timeout,
             DEFAULT_HANDSHAKE_TIMEOUT,
         )?,
+        key_update: key_update(cx, &format!("{key}.key_update"), r.key_update.as_ref())?,
     })
+}
+
+fn key_update(
+    cx: &Ctx,
+    key: &str,
+    v: Option<&S<raw::RawKeyUpdate>>,
+) -> Result<Option<KeyUpdatePolicy>, ConfigError> {
+    let Some(v) = v else {
+        return Ok(Some(KeyUpdatePolicy::DEFAULT));
+    };
+    let limits = match &v.value {
+        raw::RawKeyUpdate::Switch(false) => return Ok(None),
+        raw::RawKeyUpdate::Switch(true) => return Ok(Some(KeyUpdatePolicy::DEFAULT)),
+        raw::RawKeyUpdate::Limits(l) => l,
+    };
+    let max_bytes = match &limits.max_bytes {
+        None => None,
+        Some(s) => {
+            let n = parse_size(s).map_err(|m| cx.err(format!("{key}.max_bytes"), line(v), m))?;
+            if n < KeyUpdatePolicy::MIN_BYTES {
+                return Err(cx.err(
+                    format!("{key}.max_bytes"),
+                    line(v),
+                    format!("{s} is below the minimum of 64KiB"),
+                ));
+            }
+            Some(n)
+        }
+    };
+    let max_age = match &limits.max_age {
+        None => None,
+        Some(s) => {
+            let d = parse_duration(s).map_err(|m| cx.err(format!("{key}.max_age"), line(v), m))?;
+            if d < KeyUpdatePolicy::MIN_AGE {
+                return Err(cx.err(
+                    format!("{key}.max_age"),
+                    line(v),
+                    format!("{s} is below the minimum of 1s"),
+                ));
+            }
+            Some(d)
+        }
+    };
+    if max_bytes.is_none() && max_age.is_none() {
+        return Err(cx.err(key, line(v), "set max_bytes and/or max_age, or write `key_update: false` to disable forced key updates"));
+    }
+    Ok(Some(KeyUpdatePolicy { max_bytes, max_age }))
 }
 
 fn http(cx: &Ctx, key: &str, h: Option<&raw::RawHttp>) -> Result<HttpConfig, ConfigError> {
@@ -537,6 +585,7 @@ impl Config {
                     strict_sni: false,
                     groups: Group::DEFAULT.to_vec(),
                     handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                    key_update: Some(KeyUpdatePolicy::DEFAULT),
                 },
                 http: HttpConfig {
                     header_timeout: DEFAULT_HEADER_TIMEOUT,
@@ -582,6 +631,68 @@ mod tests {
         assert!(parse_host_port("app.internal").is_err());
         assert!(parse_host_port("app:0").is_err());
         assert!(parse_host_port("http://x:1").is_err());
+    }
+
+    fn tls_of(extra: &str) -> Result<TlsConfig, ConfigError> {
+        let yaml = format!(
+            "listeners:\n  - name: a\n    bind: 127.0.0.1:1\n    tls:\n      certificates: [{{ cert: c, key: k }}]\n{extra}    routes: [{{ respond: {{}} }}]\n"
+        );
+        Config::parse(&yaml, "t.yaml").map(|c| c.listeners[0].tls.clone())
+    }
+
+    #[test]
+    fn key_update_forms() {
+        assert_eq!(
+            tls_of("").unwrap().key_update,
+            Some(KeyUpdatePolicy::DEFAULT)
+        );
+        assert_eq!(
+            tls_of("      key_update: false\n").unwrap().key_update,
+            None
+        );
+        assert_eq!(tls_of("      key_update: off\n").unwrap().key_update, None);
+        assert_eq!(
+            tls_of("      key_update: true\n").unwrap().key_update,
+            Some(KeyUpdatePolicy::DEFAULT)
+        );
+        let p = tls_of("      key_update: { max_bytes: 1MiB }\n")
+            .unwrap()
+            .key_update
+            .unwrap();
+        assert_eq!((p.max_bytes, p.max_age), (Some(1024 * 1024), None));
+        let p = tls_of("      key_update:\n        max_age: 90s\n")
+            .unwrap()
+            .key_update
+            .unwrap();
+        assert_eq!(
+            (p.max_bytes, p.max_age),
+            (None, Some(Duration::from_secs(90)))
+        );
+    }
+
+    #[test]
+    fn key_update_errors_name_key_and_line() {
+        let e = tls_of("      key_update: { max_bytes: 1KiB }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listeners[0].tls.key_update.max_bytes (line 6)") && e.contains("64KiB"),
+            "{e}"
+        );
+        let e = tls_of("      key_update: { max_age: 500ms }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("key_update.max_age (line 6)") && e.contains("1s"),
+            "{e}"
+        );
+        let e = tls_of("      key_update: { max_bites: 1MiB }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_bites") && e.contains("line 6"), "{e}");
+        let e = tls_of("      key_update: {}\n").unwrap_err().to_string();
+        assert!(e.contains("key_update: false"), "{e}");
+        assert!(tls_of("      key_update: 5\n").is_err());
     }
 
     #[test]

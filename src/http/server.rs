@@ -10,7 +10,7 @@ use crate::config::HttpConfig;
 use crate::metrics::ListenerMetrics;
 use crate::tls::Established;
 use crate::tls::accept::Alpn;
-use crate::tls::stream::{ClientStream, close_lingering};
+use crate::tls::stream::close_lingering;
 use crate::upstream::Upstream;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -48,8 +48,12 @@ pub async fn serve_connection(
     l: Arc<ListenerHttp>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Established { stream, info } = est;
-    let (client, returned) = ClientStream::new(stream);
+    let Established {
+        stream: client,
+        closed: returned,
+        info,
+        ..
+    } = est;
     let activity = Activity::new();
     let h2 = info.alpn == Alpn::H2;
     let cx = Arc::new(ConnContext {

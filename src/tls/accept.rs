@@ -5,6 +5,8 @@
 
 use super::certs::{self, CertError, LoadedCert, SniResolver};
 use super::policy;
+use super::stream::{ClientStream, ServerTls};
+use crate::config::KeyUpdatePolicy;
 use crate::config::{Group, TlsConfig};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{HandshakeFailure, ListenerMetrics};
@@ -12,8 +14,10 @@ use rustls::server::Acceptor;
 use rustls::{HandshakeKind, NamedGroup, PeerIncompatible, ServerConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -63,8 +67,13 @@ impl Alpn {
 
 /// A completed handshake.
 pub struct Established {
-    pub stream: TlsStream<TcpStream>,
+    /// The stream to serve: forces key updates, returns the TLS stream through `closed`.
+    pub stream: ClientStream,
+    /// Receives the TLS stream when `stream` is dropped, for `stream::close_lingering`.
+    pub closed: oneshot::Receiver<ServerTls>,
     pub info: TlsInfo,
+    /// Connection id for logs (per listener, in accept order).
+    pub id: u64,
 }
 
 /// One listener's TLS: its policy config, certificates and handshake accounting.
@@ -73,6 +82,8 @@ pub struct TlsAcceptor {
     resolver: Arc<SniResolver>,
     strict_sni: bool,
     handshake_timeout: Duration,
+    key_update: Option<KeyUpdatePolicy>,
+    next_id: AtomicU64,
     metrics: ListenerMetrics,
     log: LogLimiter,
     pub certificates: Vec<LoadedCert>,
@@ -103,6 +114,8 @@ impl TlsAcceptor {
             resolver,
             strict_sni: tls.strict_sni,
             handshake_timeout: tls.handshake_timeout,
+            key_update: tls.key_update,
+            next_id: AtomicU64::new(1),
             metrics,
             log: LogLimiter::new(Duration::from_secs(10), 10),
             certificates,
@@ -196,7 +209,21 @@ impl TlsAcceptor {
             alpn.label(),
             started.elapsed().as_secs_f64(),
         );
-        Established { stream, info }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let accepted = std::time::Instant::now() - started.elapsed();
+        let (stream, closed) = ClientStream::new(
+            stream,
+            self.key_update,
+            self.metrics.rekey().clone(),
+            id,
+            accepted,
+        );
+        Established {
+            stream,
+            closed,
+            info,
+            id,
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! TLS termination: the policy (`policy`), certificates and SNI (`certs`), the handshake with
-//! its failure classification (`accept`), and the client stream handed to HTTP (`stream`).
+//! its failure classification (`accept`), forced key updates (`rekey`), and the client stream
+//! handed to HTTP (`stream`).
 //! Sits between the listener (which hands us accepted TCP sockets) and `http`.
 
 pub mod accept;
 pub mod certs;
 pub mod policy;
+pub mod rekey;
 pub mod stream;
 
 pub use accept::{Established, TlsAcceptor, TlsInfo};

@@ -1,15 +1,20 @@
-//! The client's established TLS stream as handed to `http`, and its lingering close.
+//! The client's established TLS stream as handed to `http` (or any byte relay): it forces
+//! KeyUpdates by policy (`tls::rekey`), records per-connection figures, and returns the TLS
+//! stream to the connection task when dropped, for the lingering close.
 //!
-//! hyper owns the stream while serving and drops it when the connection ends. Dropping a
-//! socket with unread bytes in its receive queue makes the kernel send RST, and the client
-//! then loses the tail of a response still in flight. So `ClientStream` hands the TLS stream
-//! back to the connection task on drop, which sends close_notify + FIN and then reads and
-//! discards until the client closes or `LINGER` passes (`close_lingering`).
+//! Lingering close: hyper owns the stream while serving and drops it when the connection
+//! ends. Dropping a socket with unread bytes in its receive queue (the client's KeyUpdate
+//! answers, a pipelined request) makes the kernel send RST, and the client then loses the
+//! tail of a response still in flight. So the connection task gets the stream back, sends
+//! close_notify + FIN, and reads and discards until the client closes or `LINGER` passes.
 
+use super::rekey::{Decision, Rekey, Trigger};
+use crate::config::KeyUpdatePolicy;
+use crate::metrics::RekeyMetrics;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -20,32 +25,93 @@ pub const LINGER: Duration = Duration::from_secs(2);
 
 pub type ServerTls = TlsStream<TcpStream>;
 
-/// A TLS stream that returns itself to the connection task when dropped.
+/// An established client connection: TLS, forced key updates, return-on-drop.
 pub struct ClientStream {
     inner: Option<ServerTls>,
+    rekey: Rekey,
+    /// A KeyUpdate is queued in rustls but not yet written to the socket.
+    flush_pending: bool,
+    metrics: RekeyMetrics,
+    id: u64,
+    accepted: Instant,
     on_drop: Option<oneshot::Sender<ServerTls>>,
 }
 
 impl ClientStream {
-    /// The receiver gets the stream back once hyper drops it.
-    pub fn new(stream: ServerTls) -> (ClientStream, oneshot::Receiver<ServerTls>) {
+    /// The receiver gets the TLS stream back once the `ClientStream` is dropped.
+    pub fn new(
+        stream: ServerTls,
+        policy: Option<KeyUpdatePolicy>,
+        metrics: RekeyMetrics,
+        id: u64,
+        accepted: Instant,
+    ) -> (ClientStream, oneshot::Receiver<ServerTls>) {
         let (tx, rx) = oneshot::channel();
-        (
-            ClientStream {
-                inner: Some(stream),
-                on_drop: Some(tx),
-            },
-            rx,
-        )
+        let s = ClientStream {
+            inner: Some(stream),
+            rekey: Rekey::new(policy),
+            flush_pending: false,
+            metrics,
+            id,
+            accepted,
+            on_drop: Some(tx),
+        };
+        (s, rx)
     }
 
     fn io(&mut self) -> Pin<&mut ServerTls> {
         Pin::new(self.inner.as_mut().expect("stream present until drop"))
     }
+
+    /// Forced updates so far on this connection.
+    pub fn key_updates(&self) -> u64 {
+        self.rekey.updates
+    }
+
+    fn force(&mut self, cx: &mut Context<'_>, trigger: Trigger) {
+        if self.rekey.decide(&self.metrics) == Decision::Defer {
+            tracing::debug!(
+                conn = self.id,
+                trigger = trigger.label(),
+                "key update deferred: 31 unanswered in a row"
+            );
+            return;
+        }
+        let result = self.io().get_mut().get_mut().1.refresh_traffic_keys();
+        if let Err(e) = &result {
+            tracing::warn!(conn = self.id, trigger = trigger.label(), error = %e, "key update failed");
+        } else {
+            tracing::debug!(
+                conn = self.id,
+                trigger = trigger.label(),
+                n = self.rekey.updates + 1,
+                "key update sent"
+            );
+        }
+        self.rekey.updated(trigger, result.is_ok(), &self.metrics);
+        self.flush_pending = true;
+        self.flush_key_update(cx);
+    }
+
+    /// Write a queued KeyUpdate out now, even from the read side: tokio-rustls writes records
+    /// only from poll_write/poll_flush, and an idle connection has no writes coming.
+    fn flush_key_update(&mut self, cx: &mut Context<'_>) {
+        if self.flush_pending && self.io().poll_flush(cx).is_ready() {
+            // An error surfaces on the next write.
+            self.flush_pending = false;
+        }
+    }
 }
 
 impl Drop for ClientStream {
     fn drop(&mut self) {
+        self.metrics
+            .per_connection
+            .observe(self.rekey.updates as f64);
+        self.metrics.bytes.observe(self.rekey.total_bytes as f64);
+        self.metrics
+            .duration
+            .observe(self.accepted.elapsed().as_secs_f64());
         if let (Some(stream), Some(tx)) = (self.inner.take(), self.on_drop.take()) {
             // The receiver may be gone (task aborted): then the stream just closes.
             let _ = tx.send(stream);
@@ -59,7 +125,19 @@ impl AsyncRead for ClientStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.io().poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = self.io().poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        let mut due = self.rekey.on_read(n);
+        // The age timer is polled only when the read parks, so the busy path stays a compare.
+        if due.is_none() && r.is_pending() {
+            due = self.rekey.poll_age(cx);
+        }
+        match due {
+            Some(trigger) => self.force(cx, trigger),
+            None => self.flush_key_update(cx),
+        }
+        r
     }
 }
 
@@ -69,23 +147,45 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.io().poll_write(cx, buf)
+        self.flush_key_update(cx);
+        let r = self.io().poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r
+            && let Some(trigger) = self.rekey.on_write(n)
+        {
+            self.force(cx, trigger);
+        }
+        r
     }
+
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.io().poll_write_vectored(cx, bufs)
+        self.flush_key_update(cx);
+        let r = self.io().poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r
+            && let Some(trigger) = self.rekey.on_write(n)
+        {
+            self.force(cx, trigger);
+        }
+        r
     }
+
     fn is_write_vectored(&self) -> bool {
         // rustls encrypts one vectored write into one record: hyper then sends a small
         // response's head and body together.
         true
     }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.io().poll_flush(cx)
+        let r = self.io().poll_flush(cx);
+        if r.is_ready() {
+            self.flush_pending = false;
+        }
+        r
     }
+
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.io().poll_shutdown(cx)
     }
