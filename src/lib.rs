@@ -193,6 +193,21 @@ pub fn describe(p: &Prepared) -> String {
             cfg.tls.strict_sni,
             secs(cfg.tls.handshake_timeout)
         );
+        let key_update = match cfg.tls.key_update {
+            None => "off".to_string(),
+            Some(p) => {
+                let bytes = p
+                    .max_bytes
+                    .map(|b| bytesize::ByteSize(b).display().iec().to_string());
+                let age = p.max_age.map(secs);
+                format!(
+                    "forced after max_bytes {} or max_age {} (at most 31 in a row without application data)",
+                    bytes.unwrap_or_else(|| "(none)".into()),
+                    age.unwrap_or_else(|| "(none)".into())
+                )
+            }
+        };
+        let _ = writeln!(out, "  tls: key_update {key_update}");
         for (src, cert) in cfg.tls.certificates.iter().zip(&l.tls.certificates) {
             let expires = time_fmt(cert.not_after);
             let _ = writeln!(
