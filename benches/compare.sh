@@ -478,6 +478,9 @@ MODEL=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | sed -n 1p)
 NGINX_V=$(nginx -v 2>&1 | sed 's/^nginx version: //')
 HAPROXY_V=$(haproxy -v 2>&1 | awk 'NR == 1 {print $1, $3}')
 EPH_V=$("$EPH" --version 2>&1 | sed -n 1p)
+if [[ -z ${EPHEMERA_BIN:-} ]]; then
+    EPH_V="$EPH_V (tree $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown))"
+fi
 OPENSSL_V=$(openssl version)
 
 CMD="DURATION=$DURATION ROUNDS=$ROUNDS"
@@ -500,24 +503,26 @@ CMD="DURATION=$DURATION ROUNDS=$ROUNDS"
             $8 * us / c, $9, $10, $11 }' "$RESULTS"
     if grep -q '!$' "$RESULTS"; then
         echo
-        echo "\`!\`: other processes used more than MAX_BUSY=$MAX_BUSY% of a CPU during this measurement, even after $RETRIES retries."
+        echo "\`!\`: other processes used at least MAX_BUSY=$MAX_BUSY% of a CPU during this measurement, even after $RETRIES retries; left out of the summary below unless the server has no other row."
     fi
     echo
     echo "| server | server total µs/handshake, all rounds (min–max of rounds) | ratio to ephemera |"
     echo "|---|---:|---:|"
-    awk -F'\t' '{
+    # Rows marked ! count only for a server that has no unmarked row.
+    awk -F'\t' 'NR == FNR { if ($13 == "") clean[$2] = 1; next }
+    $13 == "" || !($2 in clean) {
         s = $2; us = 1e6 / $12; v = ($6 + $7) * us / $3
         ticks[s] += $6 + $7; conns[s] += $3; scale[s] = us
         if (!(s in lo) || v < lo[s]) lo[s] = v
         if (!(s in hi) || v > hi[s]) hi[s] = v
-        if (!(s in seen)) { seen[s] = 1; order[++n] = s }
     } END {
+        n = split("ephemera nginx haproxy", order, " ")
         base = ticks["ephemera"] * scale["ephemera"] / conns["ephemera"]
         for (i = 1; i <= n; i++) {
             s = order[i]; m = ticks[s] * scale[s] / conns[s]
             printf "| %s | %.1f (%.1f–%.1f) | %.2f |\n", s, m, lo[s], hi[s], (base > 0 ? m / base : 0)
         }
-    }' "$RESULTS"
+    }' "$RESULTS" "$RESULTS"
     echo
     awk -F'\t' '{ v[$1, $2] = ($6 + $7) / $3; if ($1 > R) R = $1 } END {
         printf "Per-round ratios of server CPU per handshake:"
