@@ -32,16 +32,20 @@ fn main() {
             .unwrap_or(d)
     };
     let mib = env("REKEY_BENCH_MIB", if full { 1024 } else { 16 });
-    let rounds = env("REKEY_BENCH_ROUNDS", if full { 3 } else { 1 });
+    let rounds = env("REKEY_BENCH_ROUNDS", if full { 5 } else { 1 });
     let calls = if full { 200_000_000 } else { 1_000_000 };
 
     check_cost(calls);
+    update_cost(if full { 20_000 } else { 200 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(throughput(mib, rounds));
+    // HTTP/1.1: the client sends nothing during a download, so past 31 updates the rest
+    // are deferred. HTTP/2: WINDOW_UPDATE frames are client data, so every update fires.
+    rt.block_on(throughput(mib, rounds, false));
+    rt.block_on(throughput(mib, rounds, true));
 }
 
 /// The hot-path check: what every read and write pays.
@@ -79,6 +83,78 @@ fn check_cost(calls: u64) {
         let ns = started.elapsed().as_nanos() as f64 / calls as f64;
         println!("check cost ({label}): {ns:.2} ns per read/write call ({calls} calls, {due} due)");
     }
+}
+
+/// CPU for one complete forced update, both sides: our KeyUpdate (update_requested), the
+/// client's answer, each side deriving new traffic secrets and keys. In memory, no sockets.
+fn update_cost(updates: u32) {
+    use rustls::pki_types::pem::PemObject;
+    use std::sync::Arc;
+    let certs = Certs::new(&["localhost"]);
+    let groups = [ephemera::config::Group::X25519];
+    let provider = ephemera::tls::policy::provider(&groups);
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&certs.cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&certs.key).unwrap();
+    let ck = rustls::sign::CertifiedKey::from_der(chain, key, &provider).unwrap();
+    let server_cfg = ephemera::tls::policy::server_config(
+        &groups,
+        Arc::new(rustls::sign::SingleCertAndKey::from(ck)),
+    )
+    .unwrap();
+    let client_cfg = client_config(&certs.ca_der(), &[b"http/1.1"]);
+    let mut client =
+        rustls::ClientConnection::new(Arc::new(client_cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut server = rustls::ServerConnection::new(Arc::new(server_cfg)).unwrap();
+    fn pump(
+        from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl rustls::SideData>>,
+        to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl rustls::SideData>>,
+    ) {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = buf.as_slice();
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+            to.process_new_packets().unwrap();
+        }
+    }
+    while client.is_handshaking() || server.is_handshaking() {
+        pump(&mut client, &mut server);
+        pump(&mut server, &mut client);
+    }
+    let mut round = |rekey: bool| {
+        let started = Instant::now();
+        for _ in 0..updates {
+            if rekey {
+                server.refresh_traffic_keys().unwrap();
+            }
+            // Application data each way keeps both peers' in-a-row counters at zero.
+            std::io::Write::write_all(&mut server.writer(), b"x").unwrap();
+            pump(&mut server, &mut client);
+            std::io::Write::write_all(&mut client.writer(), b"y").unwrap();
+            pump(&mut client, &mut server);
+            let mut sink = [0u8; 16];
+            let _ = std::io::Read::read(&mut client.reader(), &mut sink);
+            let _ = std::io::Read::read(&mut server.reader(), &mut sink);
+        }
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(updates)
+    };
+    let base = round(false);
+    let with = round(true);
+    let us = with - base;
+    println!(
+        "one forced update, both sides (KeyUpdate, answer, new keys): {us:.2} µs ({with:.2} with vs {base:.2} without, per 1-byte exchange; {updates} updates)"
+    );
+    println!(
+        "  => every 1 MiB: {:.2} ms of CPU per GiB; every 64 MiB: {:.3} ms per GiB",
+        us * 1024.0 / 1000.0,
+        us * 16.0 / 1000.0
+    );
 }
 
 /// A backend that streams `N` bytes from one static buffer (no per-byte work), so the proxy's
@@ -133,7 +209,7 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-async fn throughput(mib: usize, rounds: usize) {
+async fn throughput(mib: usize, rounds: usize, h2: bool) {
     let certs = Certs::new(&["localhost"]);
     let backend = zeros_backend().await;
     let cases = [
@@ -156,7 +232,7 @@ async fn throughput(mib: usize, rounds: usize) {
     let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
         for (i, proxy) in proxies.iter().enumerate() {
-            let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+            let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
             let cpu0 = cpu_seconds();
             let started = Instant::now();
             let resp = c
@@ -184,8 +260,11 @@ async fn throughput(mib: usize, rounds: usize) {
         v[v.len() / 2]
     };
     let base = median(&mut results[0].iter().map(|r| r.0).collect());
-    println!("\nHTTP/1.1 download of {mib} MiB through the proxy, {rounds} round(s), median:");
-    println!("| key updates | MB/s | process CPU s per GiB | updates | throughput cost vs off |");
+    let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
+    println!("\n{proto} download of {mib} MiB through the proxy, {rounds} round(s), median:");
+    println!(
+        "| key updates | MB/s | process CPU s per GiB | updates per download | throughput cost vs off |"
+    );
     println!("|---|---|---|---|---|");
     for (i, (label, _)) in cases.iter().enumerate() {
         let tput = median(&mut results[i].iter().map(|r| r.0).collect());
@@ -194,7 +273,7 @@ async fn throughput(mib: usize, rounds: usize) {
             &proxies[i].metrics().await,
             "ephemera_tls_key_updates_total",
             &[],
-        );
+        ) / rounds as f64;
         println!(
             "| {label} | {tput:.0} | {cpu:.2} | {updates} | {:+.1}% |",
             (1.0 - tput / base) * 100.0
