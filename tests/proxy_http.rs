@@ -351,3 +351,70 @@ async fn response_timeout_starts_after_the_request_body_is_sent() {
         );
     }
 }
+
+#[tokio::test]
+async fn routing_host_and_backend_host_cannot_disagree() {
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    // admin.example is refused by a route; everything else goes to the backend.
+    let yaml = config_yaml(&certs, Some(&[backend]), "", "", "").replace(
+        "    routes:\n",
+        "    routes:\n      - { host: admin.example, respond: { status: 403, body: \"no\" } }\n",
+    );
+    let proxy = Proxy::start(&yaml).await;
+
+    // HTTP/2: :authority public.example with Host admin.example is malformed: 400, not a
+    // backend request with Host admin.example.
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    let req = hyper::Request::get("https://public.example/headers")
+        .header("host", "admin.example")
+        .body(empty())
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // HTTP/1.1 absolute-form: routed by the URI, and the backend gets that same Host.
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    let req = hyper::Request::get("https://public.example/headers")
+        .header("host", "admin.example")
+        .body(empty())
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("host: public.example\n") && !text.contains("admin.example"),
+        "{text}"
+    );
+
+    // Userinfo never reaches Host, X-Forwarded-Host or Forwarded.
+    let req = hyper::Request::get("https://user:secret@public.example/headers")
+        .body(empty())
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(!text.contains("secret"), "{text}");
+    assert!(text.contains("host: public.example\n"), "{text}");
+
+    // And the route for admin.example still answers 403 when asked directly.
+    let req = hyper::Request::get("https://admin.example/")
+        .body(empty())
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().status(), 403);
+}

@@ -3,7 +3,7 @@
 //! and map backend failures to 502/504. Bodies stream both ways; none is buffered whole.
 
 use super::activity::{Activity, RequestGuard};
-use super::route::request_host;
+use super::route::{host_of, target_authority};
 use super::server::ListenerHttp;
 use crate::body::{BoxError, ProxyBody, full};
 use crate::config::RouteAction;
@@ -11,6 +11,7 @@ use crate::tls::TlsInfo;
 use crate::upstream::{Upstream, UpstreamError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -57,8 +58,24 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let guard = c.activity.begin();
     let version = version_label(req.version());
-    let host = request_host(&req);
-    let resp = match l.router.find(host.as_deref(), req.uri().path()) {
+    let authority = match target_authority(&req) {
+        Ok(a) => a,
+        Err(why) => {
+            let resp = simple(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
+            l.metrics.http_request(version, resp.status().as_u16());
+            return resp.map(|b| {
+                GuardedBody {
+                    inner: b,
+                    _guard: guard,
+                }
+                .boxed()
+            });
+        }
+    };
+    let resp = match l
+        .router
+        .find(authority.as_ref().map(host_of), req.uri().path())
+    {
         None => simple(StatusCode::NOT_FOUND, "no route for this host and path\n"),
         Some(RouteAction::Respond { status, body }) => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
@@ -69,7 +86,7 @@ pub async fn handle(
             simple(status, text)
         }
         Some(RouteAction::Upstream(i)) => match l.upstreams.get(*i) {
-            Some(up) => forward(req, up, l, c).await,
+            Some(up) => forward(req, authority, up, l, c).await,
             None => simple(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "route points at a missing upstream\n",
@@ -109,6 +126,7 @@ fn simple(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
 
 async fn forward(
     req: Request<Incoming>,
+    authority: Option<Authority>,
     up: &Upstream,
     l: &ListenerHttp,
     c: &ConnContext,
@@ -123,17 +141,7 @@ async fn forward(
         return simple(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
+    let authority = authority.map(|a| a.as_str().to_string());
     let client_version = parts.version;
     rewrite_request_headers(&mut parts.headers, c, authority.as_deref(), client_version);
     parts.uri = parts
@@ -247,10 +255,8 @@ fn rewrite_request_headers(
         if !c.trusted_peer || !h.contains_key("x-forwarded-host") {
             set(h, "x-forwarded-host", a);
         }
-        // HTTP/2 carries the host in :authority; an HTTP/1.1 backend needs it as Host.
-        if !h.contains_key(header::HOST) {
-            set(h, "host", a);
-        }
+        // The one target the request was routed by (HTTP/2 carries it in :authority).
+        set(h, "host", a);
     }
     // HTTP/2 may split cookies into several fields; HTTP/1.1 needs one (RFC 9113 §8.2.3).
     if version == Version::HTTP_2
