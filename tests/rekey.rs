@@ -181,6 +181,74 @@ async fn upload_64mib_with_1mib_limit_arrives_whole() {
     assert_eq!(key_updates_metric(&proxy).await, seen as f64);
 }
 
+/// Python's `ssl` module writes the whole upload before reading anything, so it answers every
+/// update forced during the upload only after its last byte of data. The updates forced
+/// during the response must then wait, or our rustls sees 33 KeyUpdates in a row and aborts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_uploads_before_reading_gets_the_whole_response() {
+    let python = std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !python {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 is required in CI"
+        );
+        return;
+    }
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&rekey_yaml(&certs, backend, "{ max_bytes: 64KiB }")).await;
+    let (up, down) = (8 * MIB, 32 * MIB);
+    let script = format!(
+        r#"
+import hashlib, socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="localhost")
+s.sendall(b"POST /bytes/{down} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {up}\r\nConnection: close\r\n\r\n")
+s.sendall(b"u" * {up})
+data = bytearray()
+while True:
+    try:
+        chunk = s.recv(1 << 20)
+    except (ssl.SSLError, OSError) as e:
+        print("ERROR", e, len(data))
+        break
+    if not chunk:
+        break
+    data += chunk
+head, _, body = bytes(data).partition(b"\r\n\r\n")
+print(head.split(b"\r\n")[0].decode(), len(body), hashlib.sha256(body).hexdigest())
+"#,
+        port = proxy.addr.port()
+    );
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(certs.dir.path().join("ca.crt"))
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        format!("HTTP/1.1 200 OK {down} {}", sha256(&pattern(0, down))),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "ephemera_tls_key_update_failures_total", &[]),
+        0.0
+    );
+    assert!(metric(&m, "ephemera_tls_key_updates_total", &[]) >= 31.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connection_is_rekeyed_by_age_and_keeps_working() {
     if !have_openssl() {

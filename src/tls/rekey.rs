@@ -88,12 +88,17 @@ impl Rekey {
     }
 
     /// `n` bytes of application data arrived from the client.
+    ///
+    /// Client data proves the client answered only the updates it had read before sending
+    /// it. One that writes a whole upload before reading (Python `ssl`, OpenSSL answering
+    /// inside `SSL_read`) answers every update we sent while we sent it nothing *after* its
+    /// data. So only the updates followed by our data are taken as answered.
     #[inline]
     pub fn on_read(&mut self, n: usize) -> Option<Trigger> {
         if n == 0 {
             return None;
         }
-        self.unanswered_by_client = 0;
+        self.unanswered_by_client = self.unanswered_to_client;
         self.count(n)
     }
 
@@ -268,8 +273,16 @@ mod tests {
             }
         }
         assert_eq!(sent, IN_A_ROW_LIMIT);
-        // Our response starts: one more update.
-        assert_eq!(k.on_write(1), Some(Trigger::Bytes));
+        // Our response starts: the client may answer all 31 only now, after its data, so no
+        // further update is forced until it sends data again.
+        assert_eq!(k.on_write(10), Some(Trigger::Bytes));
+        assert_eq!(k.decide(&r), Decision::Defer);
+        for _ in 0..10 {
+            assert_eq!(k.on_write(10), Some(Trigger::Bytes));
+            assert_eq!(k.decide(&r), Decision::Defer);
+        }
+        // The next request (sent after reading our response and its updates): updates resume.
+        assert_eq!(k.on_read(1), Some(Trigger::Bytes));
         assert_eq!(k.decide(&r), Decision::Send);
     }
 

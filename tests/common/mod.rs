@@ -349,7 +349,7 @@ where
 /// A real hyper HTTP/1.1 backend on port 0:
 /// - `/headers`: the request's headers as `name: value` lines;
 /// - `/hash`: reads the body, answers `LEN SHA256`;
-/// - `/bytes/N`: streams N pattern bytes;
+/// - `/bytes/N`: reads any request body, then streams N pattern bytes;
 /// - `/slow/MS`: answers after MS milliseconds;
 /// - anything else: `backend ok`.
 pub async fn start_backend() -> SocketAddr {
@@ -384,7 +384,9 @@ async fn backend_handler(req: Request<Incoming>) -> Result<Response<TestBody>, I
         let (n, h) = hash_body(req.into_body()).await;
         Response::new(full(format!("{n} {h}")))
     } else if let Some(n) = path.strip_prefix("/bytes/") {
+        // Read any request body first (upload-then-download tests).
         let n: usize = n.parse().unwrap_or(0);
+        let _ = hash_body(req.into_body()).await;
         let mut r = Response::new(pattern_body(n));
         r.headers_mut().insert("content-length", n.into());
         r
