@@ -315,3 +315,46 @@ async fn stop_drains_in_flight_requests_and_refuses_new_connections() {
         .expect("drain finished")
         .unwrap();
 }
+
+#[tokio::test]
+async fn idle_http2_connection_gets_a_graceful_goaway() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        None,
+        "",
+        "      idle_timeout: 1s\n",
+        "",
+    ))
+    .await;
+    for round in 0..4 {
+        let tls = tls_connect(
+            proxy.addr,
+            "localhost",
+            client_config(&certs.ca_der(), &[b"h2"]),
+        )
+        .await
+        .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+        let resp = send
+            .send_request(request("GET", "/", empty()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        // The proxy closes the idle connection: GOAWAY, then a clean end of the connection,
+        // which hyper's client reports as Ok; an abrupt close is an error.
+        let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("closed after idle_timeout")
+            .unwrap();
+        assert!(ended.is_ok(), "round {round}: {ended:?}");
+    }
+}

@@ -18,8 +18,12 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// How long an idle connection we are closing gracefully may take to finish.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// HTTP/2 concurrent streams per connection (Envoy's edge guidance uses 100).
 const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -89,15 +93,21 @@ pub async fn serve_connection(
     let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
 
     let header_timeout = (!h2).then_some(l.cfg.header_timeout);
+    // Set once we start a graceful close ourselves (idle): the peer gets this long to finish
+    // (HTTP/2: GOAWAY, then the final GOAWAY after a PING round trip) before we cut it.
+    let mut close_by: Option<Instant> = None;
     let mut closing = *shutdown.borrow();
     if closing {
         conn.as_mut().graceful_shutdown();
     }
     loop {
-        let deadline = activity.next_deadline(header_timeout, l.cfg.idle_timeout);
-        let wake = match deadline {
-            Deadline::Busy => None,
-            Deadline::HeaderBy(t) | Deadline::IdleBy(t) => Some(t),
+        let wake = if closing {
+            close_by
+        } else {
+            match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
+                Deadline::Busy => None,
+                Deadline::HeaderBy(t) | Deadline::IdleBy(t) => Some(t),
+            }
         };
         tokio::select! {
             res = conn.as_mut() => {
@@ -110,21 +120,29 @@ pub async fn serve_connection(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = activity.changed() => {}
-            _ = sleep_until_opt(wake) => match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
-                Deadline::HeaderBy(t) if Instant::now() >= t => {
-                    tracing::debug!(%peer, "request headers not received within header_timeout; closing");
-                    break;
-                }
-                Deadline::IdleBy(t) if Instant::now() >= t => {
-                    if closing {
+            _ = activity.changed(), if !closing => {}
+            _ = sleep_until_opt(wake) => {
+                let now = Instant::now();
+                if closing {
+                    if close_by.is_some_and(|t| now >= t) {
+                        tracing::debug!(%peer, "graceful close did not finish in time; closing");
                         break;
                     }
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    continue;
                 }
-                _ => {}
-            },
+                match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
+                    Deadline::HeaderBy(t) if now >= t => {
+                        tracing::debug!(%peer, "request headers not received within header_timeout; closing");
+                        break;
+                    }
+                    Deadline::IdleBy(t) if now >= t => {
+                        closing = true;
+                        close_by = Some(now + IDLE_CLOSE_GRACE.min(l.cfg.idle_timeout));
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ => {}
+                }
+            }
         }
     }
     // Dropping hyper's connection hands the TLS stream back through `returned`.
