@@ -142,8 +142,7 @@ async fn serve(
     let server = Server::bind(config).await?;
     let (tx, rx) = watch::channel(0u32);
     tokio::spawn(count_signals(tx));
-    server.run(rx).await;
-    Ok(0)
+    Ok(if server.run(rx).await { 0 } else { 1 })
 }
 
 /// Counts SIGTERM/SIGINT: the first starts a graceful drain, the second ends it.
@@ -154,6 +153,8 @@ async fn count_signals(tx: watch::Sender<u32>) {
         signal(SignalKind::interrupt()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        // Keep the sender: dropping it would read as a stop request.
+        std::future::pending::<()>().await;
         return;
     };
     loop {

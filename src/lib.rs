@@ -135,29 +135,43 @@ impl Server {
     /// Serve until `signals` counts one stop request; then stop accepting, let in-flight
     /// requests finish for up to `shutdown_grace`, and return. A second stop request during
     /// the drain returns at once.
-    pub async fn run(self, mut signals: watch::Receiver<u32>) {
+    ///
+    /// Returns false when a listener's accept loop ended on its own (a bug or a fatal socket
+    /// error): the proxy then drains and the binary exits non-zero, so a supervisor restarts it.
+    pub async fn run(self, mut signals: watch::Receiver<u32>) -> bool {
         let (stop_tx, stop_rx) = watch::channel(false);
         let tracker = TaskTracker::new();
-        let mut accept_loops = Vec::new();
+        let mut accept_loops = tokio::task::JoinSet::new();
         for l in self.listeners {
-            accept_loops.push(tokio::spawn(l.run(stop_rx.clone(), tracker.clone())));
+            accept_loops.spawn(l.run(stop_rx.clone(), tracker.clone()));
         }
         let admin = tokio::spawn(self.admin.run(self.metrics.clone(), stop_rx.clone()));
 
-        let _ = signals.wait_for(|n| *n >= 1).await;
+        let mut clean = true;
+        tokio::select! {
+            stopped = async { signals.wait_for(|n| *n >= 1).await.is_ok() } => {
+                if !stopped {
+                    // The signal source is gone without a stop request: serve until killed.
+                    std::future::pending::<()>().await;
+                }
+            }
+            Some(ended) = accept_loops.join_next() => {
+                tracing::error!(result = ?ended, "a listener stopped accepting unexpectedly; shutting down");
+                clean = false;
+            }
+        }
         let grace = self.config.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections; draining in-flight requests");
         let _ = stop_tx.send(true);
-        for a in accept_loops {
-            let _ = a.await;
-        }
+        while accept_loops.join_next().await.is_some() {}
         tracker.close();
         tokio::select! {
             _ = tracker.wait() => tracing::info!("all connections drained"),
             _ = tokio::time::sleep(grace) => tracing::warn!(open = tracker.len(), "shutdown_grace passed; closing remaining connections"),
-            _ = signals.wait_for(|n| *n >= 2) => tracing::warn!(open = tracker.len(), "second stop signal; exiting now"),
+            true = async { signals.wait_for(|n| *n >= 2).await.is_ok() } => tracing::warn!(open = tracker.len(), "second stop signal; exiting now"),
         }
         admin.abort();
+        clean
     }
 }
 

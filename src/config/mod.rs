@@ -273,10 +273,19 @@ impl Config {
 }
 
 /// Parse a duration such as `10s`, `500ms`, `24h`.
+/// At most one year: longer values would overflow deadline arithmetic and mean nothing.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration '{s}' ({e}); write e.g. 10s, 500ms, 2m"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration '{s}' ({e}); write e.g. 10s, 500ms, 2m"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration '{s}' is longer than the maximum of 365 days"
+        ));
+    }
+    Ok(d)
 }
+
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parse a byte size such as `64MiB`, `1MB`, `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -9,6 +9,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9844";
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+/// Far above what one process serves (each connection needs a file descriptor).
+const MAX_CONNECTIONS: u64 = 10_000_000;
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -148,6 +150,13 @@ fn listener(
                 format!("{key}.max_connections"),
                 line(v),
                 "must be at least 1",
+            ));
+        }
+        Some(v) if v.value > MAX_CONNECTIONS => {
+            return Err(cx.err(
+                format!("{key}.max_connections"),
+                line(v),
+                format!("{} is more than the maximum of {MAX_CONNECTIONS}", v.value),
             ));
         }
         Some(v) => v.value,
@@ -693,6 +702,24 @@ mod tests {
         let e = tls_of("      key_update: {}\n").unwrap_err().to_string();
         assert!(e.contains("key_update: false"), "{e}");
         assert!(tls_of("      key_update: 5\n").is_err());
+    }
+
+    #[test]
+    fn absurd_values_are_refused_not_overflowed() {
+        let e = tls_of("      handshake_timeout: 300000000000y\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("handshake_timeout") && e.contains("365 days"),
+            "{e}"
+        );
+        let e = tls_of("      key_update: { max_age: 2y }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_age"), "{e}");
+        let yaml = "listeners:\n  - name: a\n    bind: 127.0.0.1:1\n    max_connections: 18446744073709551615\n    tls: { certificates: [{ cert: c, key: k }] }\n    routes: [{ respond: {} }]\n";
+        let e = Config::parse(yaml, "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("max_connections (line 4)"), "{e}");
     }
 
     #[test]

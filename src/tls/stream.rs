@@ -31,6 +31,8 @@ pub struct ClientStream {
     rekey: Rekey,
     /// A KeyUpdate is queued in rustls but not yet written to the socket.
     flush_pending: bool,
+    /// A forced update failed: rustls has queued a fatal alert, so the connection is over.
+    failed: Option<String>,
     metrics: RekeyMetrics,
     id: u64,
     accepted: Instant,
@@ -51,6 +53,7 @@ impl ClientStream {
             inner: Some(stream),
             rekey: Rekey::new(policy),
             flush_pending: false,
+            failed: None,
             metrics,
             id,
             accepted,
@@ -79,7 +82,8 @@ impl ClientStream {
         }
         let result = self.io().get_mut().get_mut().1.refresh_traffic_keys();
         if let Err(e) = &result {
-            tracing::warn!(conn = self.id, trigger = trigger.label(), error = %e, "key update failed");
+            tracing::warn!(conn = self.id, trigger = trigger.label(), error = %e, "key update failed; closing the connection");
+            self.failed = Some(e.to_string());
         } else {
             tracing::debug!(
                 conn = self.id,
@@ -119,12 +123,23 @@ impl Drop for ClientStream {
     }
 }
 
+impl ClientStream {
+    fn failure(&self) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .map(|e| io::Error::other(format!("forced key update failed: {e}")))
+    }
+}
+
 impl AsyncRead for ClientStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.failure() {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let r = self.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -147,6 +162,9 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.failure() {
+            return Poll::Ready(Err(e));
+        }
         self.flush_key_update(cx);
         let r = self.io().poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r
@@ -162,6 +180,9 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.failure() {
+            return Poll::Ready(Err(e));
+        }
         self.flush_key_update(cx);
         let r = self.io().poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r

@@ -122,7 +122,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     stop: watch::Sender<u32>,
-    pub task: tokio::task::JoinHandle<()>,
+    pub task: tokio::task::JoinHandle<bool>,
 }
 
 impl Proxy {
