@@ -8,6 +8,7 @@
 
 use crate::body::{BoxError, ProxyBody};
 use crate::config::UpstreamConfig;
+use crate::log_limit::LogLimiter;
 use crate::metrics::{UpstreamErrorKind, UpstreamMetrics};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -57,6 +58,14 @@ pub enum UpstreamError {
     Protocol {
         upstream: String,
         server: String,
+        #[source]
+        source: hyper::Error,
+    },
+    /// The client's request body failed while it was being sent (aborted, too large,
+    /// stalled): not the backend's fault, and not counted as an upstream error.
+    #[error("upstream '{upstream}': the client's request body failed: {source}")]
+    ClientBody {
+        upstream: String,
         #[source]
         source: hyper::Error,
     },
@@ -118,6 +127,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     response_timeout: Duration,
     metrics: UpstreamMetrics,
+    /// A down backend must not flood the log: at most 10 lines per 10 s per upstream.
+    pub log: LogLimiter,
 }
 
 impl Upstream {
@@ -139,6 +150,7 @@ impl Upstream {
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
             metrics,
+            log: LogLimiter::new(Duration::from_secs(10), 10),
         }
     }
 
@@ -217,7 +229,9 @@ impl Upstream {
                         Err((kind, e)) => {
                             self.metrics.error(kind);
                             server.mark_failed(true);
-                            tracing::warn!(upstream = %self.name, server = %server.addr, error = %e, "backend connect failed; trying the next server");
+                            if let Some(suppressed) = self.log.allow() {
+                                tracing::warn!(upstream = %self.name, server = %server.addr, error = %e, suppressed_since_last = suppressed, "backend connect failed; trying the next server");
+                            }
                             last_err = Some((server.addr.clone(), e));
                             break;
                         }
@@ -251,11 +265,19 @@ impl Upstream {
                             continue;
                         }
                         _ => {
+                            let source = e.into_error();
+                            // A user error is ours to send: here, the client's body failing.
+                            if source.is_user() {
+                                return Err(UpstreamError::ClientBody {
+                                    upstream: self.name.clone(),
+                                    source,
+                                });
+                            }
                             self.metrics.error(UpstreamErrorKind::Protocol);
                             return Err(UpstreamError::Protocol {
                                 upstream: self.name.clone(),
                                 server: server.addr.clone(),
-                                source: e.into_error(),
+                                source,
                             });
                         }
                     },

@@ -358,3 +358,83 @@ async fn idle_http2_connection_gets_a_graceful_goaway() {
         assert!(ended.is_ok(), "round {round}: {ended:?}");
     }
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off_after_idle_timeout() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        Some(&[backend]),
+        "",
+        "      idle_timeout: 1s\n",
+        "",
+    ))
+    .await;
+    let mut tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    // Headers and a little of the promised body, then nothing.
+    tls.write_all(
+        b"POST /hash HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\nsome bytes",
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(8), tls.read_to_end(&mut got))
+        .await
+        .expect("the proxy gave up on the body");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "ephemera_upstream_errors_total", &[]),
+        0.0,
+        "a client stall is not a backend error"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_after_idle_timeout() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        Some(&[backend]),
+        "",
+        "      idle_timeout: 1s\n",
+        "",
+    ))
+    .await;
+    let mut tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    tls.write_all(b"GET /bytes/268435456 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    // Never read: the proxy's writes block once the socket buffers are full.
+    let mut open = 1.0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = metric(&proxy.metrics().await, "ephemera_connections_open", &[]);
+        if open == 0.0 {
+            break;
+        }
+    }
+    assert_eq!(open, 0.0, "the stalled connection must be closed");
+    drop(tls);
+}

@@ -1,5 +1,6 @@
 //! Per-connection activity for the HTTP timeouts: requests in flight, when the last one
-//! finished, and when the first byte of a new request arrived. Read bytes are noted by
+//! finished, when the first byte of a new request arrived, and since when a write to the
+//! client has been blocked. Read bytes are noted by
 //! `ActivityIo` (plaintext only: TLS KeyUpdates never reach it, so they are not activity).
 
 use std::io;
@@ -20,6 +21,9 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// Milliseconds since `epoch` + 1 of the first byte read while idle; 0 = none.
     head_started_ms: AtomicU64,
+    /// Milliseconds since `epoch` + 1 since which a write to the client is blocked (the
+    /// client is not reading); 0 = not blocked.
+    write_blocked_ms: AtomicU64,
     /// Wakes the connection task when its deadline changes kind (a head starts arriving, the
     /// last request finishes).
     changed: Notify,
@@ -32,6 +36,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
+            write_blocked_ms: AtomicU64::new(0),
             changed: Notify::new(),
         })
     }
@@ -50,6 +55,17 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started_ms.store(0, Ordering::Release);
         RequestGuard(self.clone())
+    }
+
+    fn note_write(&self, blocked: bool) {
+        let current = self.write_blocked_ms.load(Ordering::Relaxed);
+        if blocked && current == 0 {
+            self.write_blocked_ms
+                .store(self.now_ms() + 1, Ordering::Release);
+            self.changed.notify_one();
+        } else if !blocked && current != 0 {
+            self.write_blocked_ms.store(0, Ordering::Release);
+        }
     }
 
     fn note_read(&self) {
@@ -76,7 +92,12 @@ impl Activity {
         idle_timeout: Duration,
     ) -> Deadline {
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Deadline::Busy;
+            // Waiting on the backend is bounded by response_timeout; waiting on a client
+            // that does not read is bounded here.
+            return match self.write_blocked_ms.load(Ordering::Acquire) {
+                0 => Deadline::Busy,
+                since => Deadline::StalledBy(self.at(since - 1) + idle_timeout),
+            };
         }
         let head = self.head_started_ms.load(Ordering::Acquire);
         if let (Some(t), true) = (header_timeout, head != 0) {
@@ -93,6 +114,9 @@ pub enum Deadline {
     HeaderBy(Instant),
     /// Nothing in flight: close the connection gracefully at this instant.
     IdleBy(Instant),
+    /// A request is in flight but the client has not read a byte we have for it: close the
+    /// connection at this instant.
+    StalledBy(Instant),
 }
 
 /// Marks a request as finished when dropped (with its response body).
@@ -141,14 +165,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.note_write(r.is_pending());
+        r
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.note_write(r.is_pending());
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

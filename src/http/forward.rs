@@ -15,10 +15,12 @@ use http::uri::Authority;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// Facts about the client connection a request arrived on.
 pub struct ConnContext {
@@ -158,7 +160,7 @@ async fn forward(
         Version::HTTP_11
     };
     let usize_limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let body = Limited::new(body, usize_limit).boxed();
+    let body = ClientBody::new(Limited::new(body, usize_limit), l.cfg.idle_timeout).boxed();
     match up.send(Request::from_parts(parts, body)).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
@@ -166,17 +168,26 @@ async fn forward(
             parts.version = Version::HTTP_11;
             Response::from_parts(parts, body.map_err(BoxError::from).boxed())
         }
-        Err(e) => upstream_failure(e),
+        Err(e) => upstream_failure(e, up),
     }
 }
 
-fn upstream_failure(e: UpstreamError) -> Response<ProxyBody> {
-    if let UpstreamError::Protocol { source, .. } = &e
-        && caused_by_body_limit(source)
-    {
-        return simple(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+fn upstream_failure(e: UpstreamError, up: &Upstream) -> Response<ProxyBody> {
+    if let UpstreamError::ClientBody { source, .. } = &e {
+        // The client's fault: answered (if it still listens) but not logged as a backend
+        // problem and not counted in ephemera_upstream_errors_total.
+        tracing::debug!(error = %e, "request body failed");
+        return if caused_by::<http_body_util::LengthLimitError>(source) {
+            simple(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+        } else if caused_by::<BodyStalled>(source) {
+            simple(StatusCode::REQUEST_TIMEOUT, "request body stalled\n")
+        } else {
+            simple(StatusCode::BAD_REQUEST, "request body aborted\n")
+        };
     }
-    tracing::warn!(error = %e, "upstream request failed");
+    if let Some(suppressed) = up.log.allow() {
+        tracing::warn!(error = %e, suppressed_since_last = suppressed, "upstream request failed");
+    }
     match e {
         UpstreamError::ResponseTimeout { .. } => simple(
             StatusCode::GATEWAY_TIMEOUT,
@@ -186,15 +197,70 @@ fn upstream_failure(e: UpstreamError) -> Response<ProxyBody> {
     }
 }
 
-fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if err.is::<http_body_util::LengthLimitError>() {
+        if err.is::<E>() {
             return true;
         }
         cur = err.source();
     }
     false
+}
+
+/// The client sent no request body data for `idle_timeout` while we waited for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no request body data for {0:?}")]
+pub struct BodyStalled(Duration);
+
+pin_project_lite::pin_project! {
+    /// The client's request body on its way to the backend: cut off (408) when the client
+    /// stops sending it for `idle_timeout`, so a stalled upload cannot hold a connection and
+    /// a backend connection forever.
+    struct ClientBody {
+        #[pin]
+        inner: Limited<Incoming>,
+        timeout: Duration,
+        stall: Pin<Box<tokio::time::Sleep>>,
+    }
+}
+
+impl ClientBody {
+    fn new(inner: Limited<Incoming>, timeout: Duration) -> ClientBody {
+        ClientBody {
+            inner,
+            timeout,
+            stall: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + *this.timeout;
+                this.stall.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.stall.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(*this.timeout))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Remove hop-by-hop headers, including any named in `Connection`.

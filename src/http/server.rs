@@ -106,7 +106,7 @@ pub async fn serve_connection(
         } else {
             match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
                 Deadline::Busy => None,
-                Deadline::HeaderBy(t) | Deadline::IdleBy(t) => Some(t),
+                Deadline::HeaderBy(t) | Deadline::IdleBy(t) | Deadline::StalledBy(t) => Some(t),
             }
         };
         tokio::select! {
@@ -133,6 +133,10 @@ pub async fn serve_connection(
                 match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
                     Deadline::HeaderBy(t) if now >= t => {
                         tracing::debug!(%peer, "request headers not received within header_timeout; closing");
+                        break;
+                    }
+                    Deadline::StalledBy(t) if now >= t => {
+                        tracing::debug!(%peer, "client read nothing for idle_timeout with a response pending; closing");
                         break;
                     }
                     Deadline::IdleBy(t) if now >= t => {
