@@ -3,12 +3,13 @@
 //! loopback or a private network: it has no TLS and no authentication.
 
 use crate::body::{ProxyBody, full};
+use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
@@ -28,11 +29,14 @@ impl Admin {
 
     /// Serve until the task is dropped. `draining` true turns `/readyz` to 503.
     pub async fn run(self, metrics: Metrics, draining: watch::Receiver<bool>) {
+        let log = LogLimiter::new(std::time::Duration::from_secs(10), 5);
         loop {
             let (sock, _) = match self.tcp.accept().await {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    if let Some(suppressed) = log.allow() {
+                        tracing::warn!(error = %e, suppressed_since_last = suppressed, "admin accept failed");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
@@ -44,7 +48,10 @@ impl Admin {
                     let resp = answer(&req, &metrics, *draining.borrow());
                     async move { Ok::<_, Infallible>(resp) }
                 });
+                // Scrapers send small requests: a client that trickles one is dropped.
                 let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
                     .serve_connection(TokioIo::new(sock), svc)
                     .await;
             });

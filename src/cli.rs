@@ -5,6 +5,7 @@ use crate::config::{self, Config};
 use crate::{Prepared, Server, certgen, describe};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::watch;
@@ -87,7 +88,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
             };
             let written = certgen::write_dev_certs(&out, &names)?;
             for p in written {
-                println!("wrote {}", p.display());
+                let _ = writeln!(std::io::stdout(), "wrote {}", p.display());
             }
             Ok(0)
         }
@@ -100,8 +101,9 @@ fn check(path: PathBuf) -> anyhow::Result<i32> {
         .and_then(Prepared::new);
     match prepared {
         Ok(p) => {
-            println!("config OK: {}", path.display());
-            print!("{}", describe(&p));
+            // Not print!: it panics when stdout is a closed pipe (`ephemera check | head`).
+            let text = format!("config OK: {}\n{}", path.display(), describe(&p));
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             Ok(0)
         }
         Err(e) => {

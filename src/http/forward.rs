@@ -164,6 +164,11 @@ async fn forward(
     match up.send(Request::from_parts(parts, body)).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
+            // Both framings from the backend: Transfer-Encoding wins (RFC 9112 §6.3); hyper
+            // re-frames the body for the client, so the stale length must not go along.
+            if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
             strip_hop_by_hop(&mut parts.headers);
             parts.version = Version::HTTP_11;
             Response::from_parts(parts, body.map_err(BoxError::from).boxed())
@@ -325,10 +330,16 @@ fn rewrite_request_headers(
         set(h, "host", a);
     }
     // HTTP/2 may split cookies into several fields; HTTP/1.1 needs one (RFC 9113 §8.2.3).
-    if version == Version::HTTP_2
-        && let Some(cookie) = joined(h, "cookie", "; ")
-    {
-        set(h, "cookie", &cookie);
+    // Joined as bytes: cookie values may carry non-ASCII octets that `to_str` would drop.
+    if version == Version::HTTP_2 && h.get_all(header::COOKIE).iter().nth(1).is_some() {
+        let parts: Vec<&[u8]> = h
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if let Ok(v) = HeaderValue::from_bytes(&parts.join(&b"; "[..])) {
+            h.insert(header::COOKIE, v);
+        }
     }
 }
 
@@ -455,5 +466,15 @@ mod tests {
         );
         assert_eq!(h.get_all("cookie").iter().count(), 1);
         assert_eq!(h["cookie"], "a=1; b=2");
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_bytes(b"n=caf\xc3\xa9").unwrap());
+        rewrite_request_headers(
+            &mut h,
+            &ctx("192.0.2.1:1", false),
+            Some("x"),
+            Version::HTTP_2,
+        );
+        assert_eq!(h["cookie"].as_bytes(), b"a=1; n=caf\xc3\xa9");
     }
 }

@@ -102,6 +102,11 @@ impl TlsAcceptor {
             .iter()
             .map(|c| certs::load(c, &provider))
             .collect::<Result<Vec<_>, _>>()?;
+        for (src, c) in tls.certificates.iter().zip(&certificates) {
+            if c.names.is_empty() {
+                tracing::warn!(listener, certificate = %src.origin, "certificate has no DNS names (subjectAltName): it is only ever served as the default for a missing or unknown SNI name");
+            }
+        }
         let resolver = Arc::new(SniResolver::new(&certificates, tls.strict_sni));
         let config = policy::server_config(&tls.groups, resolver.clone()).map_err(|source| {
             TlsSetupError::Policy {
