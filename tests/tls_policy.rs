@@ -13,7 +13,7 @@ use rustls::client::{
 };
 use rustls::crypto::{CipherSuiteCommon, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     AlertDescription, CipherSuite, DigitallySignedStruct, HandshakeKind, NamedGroup,
     SignatureScheme, SupportedCipherSuite, Tls13CipherSuite,
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const STEP: Duration = Duration::from_secs(5);
 
@@ -428,52 +428,6 @@ fn resuming_client(
     c
 }
 
-/// A plain rustls server with rustls' default session handling (stateful TLS 1.3 tickets),
-/// answering one HTTP/1.1 request per connection: the control showing that `CountingStore`
-/// and `handshake_kind()` do see resumption when a server offers it.
-async fn start_resuming_server(certs: &Certs) -> std::net::SocketAddr {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&certs.cert)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&certs.key).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    assert!(config.send_tls13_tickets > 0, "control must send tickets");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(sock).await else {
-                    return;
-                };
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tls
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                let _ = tls.flush().await;
-                // Keep the connection until the client closes it.
-                let _ = tls.read(&mut buf).await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn second_connection_is_a_full_handshake_and_no_ticket_is_issued() {
     let certs = Certs::new(&["localhost"]);
@@ -481,7 +435,7 @@ async fn second_connection_is_a_full_handshake_and_no_ticket_is_issued() {
     // Control: against a server that issues tickets, the same client resumes.
     // One ClientConfig, cloned per connection: rustls only resumes a session stored by a config
     // with the same verifier (`Arc` identity), so a fresh config per connection never would.
-    let control = start_resuming_server(&certs).await;
+    let control = start_ticketing_server(&certs).await;
     let store = CountingStore::new();
     let config = resuming_client(&certs.ca_der(), store.clone());
     for round in 0..2 {
