@@ -638,3 +638,54 @@ async fn sigterm_drains_in_flight_request_and_refuses_new_connections() {
         assert!(log.contains("all connections drained"), "{proto}:\n{log}");
     }
 }
+
+/// utime + stime of a process, in clock ticks (usually 1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn accept_backs_off_on_emfile_and_recovers() {
+    if !have_curl() {
+        return;
+    }
+    let mut serve = Serve::start(&[]).await;
+    let pid = serve.child.id().unwrap();
+    // Few descriptors left: the accept loop soon fails with EMFILE.
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=64:64"])
+        .status()
+        .expect("prlimit (util-linux) is needed");
+    assert!(status.success());
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(s) = tokio::net::TcpStream::connect(serve.addr).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // While descriptors are exhausted the loop backs off instead of spinning.
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 50,
+        "{spent} ticks of CPU in 2 s: the accept loop spins"
+    );
+    assert!(serve.log().contains("accept failed"), "{}", serve.log());
+    // Descriptors come back: the proxy serves again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = curl(serve.addr, "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(serve.running());
+    serve.sigterm();
+    assert!(serve.exit_within(Duration::from_secs(10)).await.success());
+}

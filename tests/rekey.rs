@@ -273,6 +273,85 @@ async fn idle_connection_is_rekeyed_by_age_and_keeps_working() {
     );
 }
 
+/// Eight 8 MiB downloads on one keep-alive connection, each request written by `s_client`
+/// only after the previous response has arrived in full: each request is client data, so the
+/// in-a-row count restarts and the client sees well over 31 updates in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_client_sequential_downloads_see_well_over_31_updates() {
+    if !have_openssl() {
+        return;
+    }
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&rekey_yaml(&certs, backend, "{ max_bytes: 1MiB }")).await;
+    let keylog = certs.dir.path().join("sequential.keylog");
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &proxy.addr.to_string(),
+            "-servername",
+            "localhost",
+            "-tls1_3",
+            "-alpn",
+            "http/1.1",
+            "-quiet",
+            "-ign_eof",
+        ])
+        .arg("-CAfile")
+        .arg(certs.dir.path().join("ca.crt"))
+        .arg("-keylogfile")
+        .arg(&keylog)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let len = 8 * MIB;
+    let want = sha256(&pattern(0, len));
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    for i in 0..8 {
+        stdin
+            .write_all(format!("GET /bytes/{len} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+        // Read exactly one response: head, then content-length bytes.
+        let head_end = loop {
+            if let Some(p) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "s_client ended during response {i}");
+            pending.extend_from_slice(&buf[..n]);
+        };
+        assert!(pending.starts_with(b"HTTP/1.1 200"), "response {i}");
+        while pending.len() < head_end + len {
+            let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "s_client ended during body {i}");
+            pending.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(sha256(&pending[head_end..head_end + len]), want, "body {i}");
+        pending.drain(..head_end + len);
+    }
+    drop(stdin);
+    let _ = child.kill().await;
+    let seen = updates_in_keylog(&keylog);
+    assert!(seen > 31, "updates the client saw: {seen}");
+    assert_eq!(key_updates_metric(&proxy).await, seen as f64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_downloads_on_one_connection_exceed_31_updates_intact() {
     let _serial = serial().await;
