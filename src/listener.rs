@@ -65,6 +65,8 @@ impl PreparedListener {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        // Accepted sockets inherit TCP_NODELAY from the listening socket on Linux: one
+        // setsockopt here instead of one per connection.
         socket.set_nodelay(true)?;
         socket.bind(addr)?;
         let tcp = socket.listen(BACKLOG)?;
@@ -133,6 +135,7 @@ impl BoundListener {
                     }
                 }
             };
+            #[cfg(not(target_os = "linux"))]
             let _ = sock.set_nodelay(true);
             let tls = prepared.tls.clone();
             let http = prepared.http.clone();

@@ -5,7 +5,7 @@
 
 use super::certs::{self, CertError, LoadedCert, SniResolver};
 use super::policy;
-use super::stream::{ClientStream, ServerTls};
+use super::stream::{ClientStream, Closed};
 use crate::config::KeyUpdatePolicy;
 use crate::config::{Group, TlsConfig};
 use crate::log_limit::LogLimiter;
@@ -70,7 +70,7 @@ pub struct Established {
     /// The stream to serve: forces key updates, returns the TLS stream through `closed`.
     pub stream: ClientStream,
     /// Receives the TLS stream when `stream` is dropped, for `stream::close_lingering`.
-    pub closed: oneshot::Receiver<ServerTls>,
+    pub closed: oneshot::Receiver<Closed>,
     pub info: TlsInfo,
     /// Connection id for logs (per listener, in accept order).
     pub id: u64,

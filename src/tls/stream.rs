@@ -25,6 +25,13 @@ pub const LINGER: Duration = Duration::from_secs(2);
 
 pub type ServerTls = TlsStream<TcpStream>;
 
+/// What the connection task gets back when the `ClientStream` is dropped.
+pub struct Closed {
+    pub stream: ServerTls,
+    /// close_notify and FIN already went out: do not send them again.
+    pub shut_down: bool,
+}
+
 /// An established client connection: TLS, forced key updates, return-on-drop.
 pub struct ClientStream {
     inner: Option<ServerTls>,
@@ -36,7 +43,9 @@ pub struct ClientStream {
     metrics: RekeyMetrics,
     id: u64,
     accepted: Instant,
-    on_drop: Option<oneshot::Sender<ServerTls>>,
+    on_drop: Option<oneshot::Sender<Closed>>,
+    /// close_notify and FIN were sent (hyper shut the stream down itself).
+    shut_down: bool,
 }
 
 impl ClientStream {
@@ -47,7 +56,7 @@ impl ClientStream {
         metrics: RekeyMetrics,
         id: u64,
         accepted: Instant,
-    ) -> (ClientStream, oneshot::Receiver<ServerTls>) {
+    ) -> (ClientStream, oneshot::Receiver<Closed>) {
         let (tx, rx) = oneshot::channel();
         let s = ClientStream {
             inner: Some(stream),
@@ -58,6 +67,7 @@ impl ClientStream {
             id,
             accepted,
             on_drop: Some(tx),
+            shut_down: false,
         };
         (s, rx)
     }
@@ -118,7 +128,10 @@ impl Drop for ClientStream {
             .observe(self.accepted.elapsed().as_secs_f64());
         if let (Some(stream), Some(tx)) = (self.inner.take(), self.on_drop.take()) {
             // The receiver may be gone (task aborted): then the stream just closes.
-            let _ = tx.send(stream);
+            let _ = tx.send(Closed {
+                stream,
+                shut_down: self.shut_down,
+            });
         }
     }
 }
@@ -208,15 +221,25 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.io().poll_shutdown(cx)
+        let r = self.io().poll_shutdown(cx);
+        if r.is_ready() {
+            self.shut_down = true;
+        }
+        r
     }
 }
 
-/// close_notify + FIN, then drain what the client still sends (its KeyUpdate answers, a
-/// pipelined request we will not serve) until it closes or `LINGER` passes.
-pub async fn close_lingering(mut stream: ServerTls) {
+/// close_notify + FIN (unless already sent), then drain what the client still sends (its
+/// KeyUpdate answers, a pipelined request we will not serve) until it closes or `LINGER` passes.
+pub async fn close_lingering(closed: Closed) {
+    let Closed {
+        mut stream,
+        shut_down,
+    } = closed;
     let deadline = tokio::time::Instant::now() + LINGER;
-    let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    if !shut_down {
+        let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    }
     let (mut tcp, _) = stream.into_inner();
     let mut buf = [0u8; 4096];
     while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
