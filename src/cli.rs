@@ -68,6 +68,10 @@ pub enum Command {
         #[arg(long = "name", value_name = "NAME")]
         names: Vec<String>,
     },
+    /// Load generator for any TLS 1.3 HTTP server: full handshakes per second (--mode
+    /// handshake) or keep-alive requests (--mode requests), with latency percentiles, errors by
+    /// kind, what was negotiated, and (--metrics, --server-pid) the server's own counts and CPU.
+    Loadgen(Box<crate::loadgen::Args>),
 }
 
 /// Run a parsed command. Returns the process exit code.
@@ -92,6 +96,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Loadgen(args) => Ok(crate::loadgen::command(*args).await?),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod listener;
+pub mod loadgen;
 mod log_limit;
 pub mod metrics;
 pub mod tls;
