@@ -1,5 +1,5 @@
-//! Command line: `serve`, `check`, `certs`. Parsed by clap in `main`; each subcommand maps
-//! onto the library (config → Server) and returns an exit code.
+//! Command line: `serve`, `check`, `certs`, `loadgen`. Parsed by clap in `main`; each subcommand
+//! maps onto the library (config → Server, or the load generator) and returns an exit code.
 
 use crate::config::{self, Config};
 use crate::{Prepared, Server, certgen, describe};
