@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
-# Server CPU per full TLS 1.3 handshake: ephemera vs nginx vs HAProxy, side by side.
+# Server CPU per full TLS 1.3 handshake and per keep-alive HTTP/2 request: ephemera vs nginx
+# vs HAProxy, side by side.
 #
-#   bash benches/compare.sh                      # DURATION=10 ROUNDS=2
+#   bash benches/compare.sh                      # DURATION=10 ROUNDS=2 MODE=proxy
 #   DURATION=20 ROUNDS=3 bash benches/compare.sh
+#   MODE=respond bash benches/compare.sh         # each server answers "ok" itself
 #
 # Each server runs pinned to CPU 0 (taskset -c 0) with the same policy (TLS 1.3 only; groups
 # X25519, P-256, P-384; suites AES-128-GCM > AES-256-GCM > ChaCha20 in server order; no
-# session tickets, no session cache; the same ECDSA P-256 certificate chain) and answers a
-# fixed "ok" itself. The load is `openssl s_time -new` pinned to CPU 1: one new TCP
-# connection, one full handshake and one small HTTP/1.0 request per connection. The server's
-# utime+stime (/proc/PID/stat, fields 14 and 15) before and after, divided by the number of
-# connections, is the server CPU per handshake. See benches/README.md.
+# session tickets, no session cache; the same ECDSA P-256 certificate chain; ALPN h2 and
+# http/1.1). With MODE=proxy (default) all three proxy to the same plain-HTTP/1.1 backend (a
+# separate nginx instance answering "ok", pinned to CPU 1 with the clients) over pooled
+# keep-alive connections; with MODE=respond each answers a fixed "ok" itself.
+# Three loads, each pinned to CPU 1, one after the other per server:
+#   s_time   `openssl s_time -new`: one new TCP connection, one full handshake and one small
+#            HTTP/1.0 request per connection, one connection at a time;
+#   loadgen  `ephemera loadgen --mode handshake -c LG_CONNS`: the same with 8 concurrent
+#            connections (HTTP/2 or HTTP/1.1 by ALPN), client-observed rate and p99;
+#   h2load   `h2load -c H2_CONNS -m H2_STREAMS -D DURATION`: keep-alive HTTP/2 requests.
+# The server's utime+stime (/proc/PID/stat, fields 14 and 15) before and after, divided by the
+# number of handshakes (or requests), is the server CPU per handshake (or request). See
+# benches/README.md.
 #
 # Environment:
-#   DURATION=10        seconds of load per server per round (s_time -time)
+#   MODE=proxy         proxy: the servers proxy to the shared backend; respond: they answer
+#   CLIENTS="s_time loadgen h2load"   which loads to run (any subset, in this order)
+#   DURATION=10        seconds of load per server per round per client
 #   ROUNDS=2           how many times the whole set (ephemera, nginx, haproxy) is measured
+#   LG_CONNS=8         ephemera loadgen concurrent connections (handshake mode)
+#   H2_CONNS=8         h2load connections
+#   H2_STREAMS=10      h2load concurrent streams per connection (-m)
 #   SERVER_CPU=0       CPU the servers are pinned to
-#   CLIENT_CPU=1       CPU the client (openssl s_time) is pinned to
+#   CLIENT_CPU=1       CPU the clients (and the backend) are pinned to
 #   MAX_BUSY=          if set (a percentage, e.g. 10): other processes may use at most this
-#                      much of the server CPU and of the client CPU. Before each measurement
+#                      much of the server CPU and of the client CPU (our backend not
+#                      counted). Before each measurement
 #                      wait (up to LOAD_WAIT seconds) until both were below it for 2 s, and
 #                      measure again (up to RETRIES times) if it was exceeded during the run.
 #                      Unset: measure at once, whatever else runs (the table shows it).
@@ -26,7 +42,7 @@
 #   RETRIES=3
 #   EPHEMERA_BIN=      use this binary instead of building (cargo build --release --locked)
 #   CARGO_TARGET_DIR   respected by the build
-#   KEEP_TMP=1         keep the temporary directory (configs, logs, s_time outputs)
+#   KEEP_TMP=1         keep the temporary directory (configs, logs, client outputs)
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -37,6 +53,11 @@ MAX_BUSY=${MAX_BUSY:-}
 LOAD_WAIT=${LOAD_WAIT:-600}
 RETRIES=${RETRIES:-3}
 KEEP_TMP=${KEEP_TMP:-0}
+MODE=${MODE:-proxy}
+CLIENTS=${CLIENTS:-s_time loadgen h2load}
+LG_CONNS=${LG_CONNS:-8}
+H2_CONNS=${H2_CONNS:-8}
+H2_STREAMS=${H2_STREAMS:-10}
 SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
 SERVERS=(ephemera nginx haproxy)
 
@@ -54,6 +75,14 @@ die() {
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (seconds), got '$DURATION'"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
 [[ -z $MAX_BUSY || $MAX_BUSY =~ ^[0-9]+$ ]] || die "MAX_BUSY must be an integer percentage, got '$MAX_BUSY'"
+[[ $MODE = proxy || $MODE = respond ]] || die "MODE must be proxy or respond, got '$MODE'"
+for c in $CLIENTS; do
+    [[ $c = s_time || $c = loadgen || $c = h2load ]] || die "CLIENTS: unknown client '$c' (s_time, loadgen, h2load)"
+done
+[[ -n ${CLIENTS// /} ]] || die "CLIENTS is empty"
+for v in LG_CONNS H2_CONNS H2_STREAMS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
 
 # ---------------------------------------------------------------------------------------------
 # 1. Tools. Debian/Ubuntu packages; the package scripts may start and enable the system
@@ -65,6 +94,8 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v openssl >/dev/null || need+=(openssl)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v getconf >/dev/null || need+=(libc-bin)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v python3 >/dev/null || need+=(python3)
 if ((${#need[@]})); then
     command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get: install them by hand"
     SUDO=()
@@ -84,7 +115,7 @@ if ((${#need[@]})); then
         done
     fi
 fi
-for c in nginx haproxy openssl taskset getconf awk; do
+for c in nginx haproxy openssl taskset getconf awk h2load python3; do
     command -v "$c" >/dev/null || die "'$c' not found after installation"
 done
 NCPU=$(nproc)
@@ -141,10 +172,14 @@ trap 'exit 143' TERM
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 declare -A TAKEN=()
+# Listening ports below the kernel's ephemeral range, so that no outgoing connection (ours or
+# anyone else's on the machine) holds the port as its local port when a server binds it.
+read -r EPHEMERAL_LO _ </proc/sys/net/ipv4/ip_local_port_range
+PORT_LO=20000 PORT_HI=$((EPHEMERAL_LO > 21000 ? EPHEMERAL_LO : 50000))
 pick_port() {
     local p
     while :; do
-        p=$((20000 + RANDOM % 30000))
+        p=$((PORT_LO + RANDOM % (PORT_HI - PORT_LO)))
         [[ -z ${TAKEN[$p]:-} ]] && ! port_in_use "$p" && break
     done
     TAKEN[$p]=1
@@ -152,6 +187,7 @@ pick_port() {
 }
 for s in "${SERVERS[@]}"; do PORT[$s]=$(pick_port); done
 ADMIN_PORT=$(pick_port)
+BACKEND_PORT=$(pick_port)
 
 log "certificates: $EPH certs --out $TMP/certs"
 "$EPH" certs --out "$TMP/certs" >"$TMP/certs.log" 2>&1 || die "ephemera certs failed (see $TMP/certs.log)"
@@ -162,8 +198,41 @@ openssl x509 -in "$CRT" -noout -text | grep -q 'ASN1 OID: prime256v1' ||
     die "$CRT is not an ECDSA P-256 certificate"
 cat "$CRT" "$KEY" >"$TMP/haproxy.pem"
 
+# The shared backend (MODE=proxy): a separate nginx instance (own config, prefix and pid file),
+# plain HTTP/1.1 on loopback, answering "ok" with a marker header so the policy check can see
+# that a response came through it. Keep-alive without a request limit, so the proxies' pooled
+# connections are never closed by the backend during a run.
+mkdir -p "$TMP/backend"
+cat >"$TMP/backend.conf" <<EOF
+worker_processes 1;
+pid $TMP/backend.pid;
+error_log $TMP/backend-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {
+        listen 127.0.0.1:$BACKEND_PORT;
+        add_header X-Bench-Backend 1 always;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+
+if [[ $MODE = proxy ]]; then
+    EPH_ROUTE="upstream: app"
+    NGINX_LOCATION="proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+    HAPROXY_ACTION="default_backend app"
+else
+    EPH_ROUTE='respond: { status: 200, body: "ok\n" }'
+    NGINX_LOCATION='return 200 "ok\n";'
+    HAPROXY_ACTION='http-request return status 200 content-type text/plain string "ok"'
+fi
+
 # ephemera: its policy is fixed (TLS 1.3 only, server suite order AES-128 > AES-256 > ChaCha20,
-# no tickets, no session cache, no 0-RTT); groups as configured.
+# no tickets, no session cache, no 0-RTT, ALPN h2 and http/1.1); groups as configured.
 cat >"$TMP/ephemera.yaml" <<EOF
 admin:
   bind: 127.0.0.1:$ADMIN_PORT
@@ -176,7 +245,11 @@ listeners:
         - { cert: $CRT, key: $KEY }
       groups: [x25519, secp256r1, secp384r1]
     routes:
-      - { host: "*", path_prefix: /, respond: { status: 200, body: "ok\n" } }
+      - { host: "*", path_prefix: /, $EPH_ROUTE }
+upstreams:
+  app:
+    protocol: http1
+    servers: [127.0.0.1:$BACKEND_PORT]
 EOF
 
 # nginx and HAProxy (OpenSSL 3): with tickets and the session cache off, OpenSSL still sends
@@ -184,6 +257,19 @@ EOF
 # they cost server CPU and the client stores them). NumTickets=0 stops that: nginx through
 # ssl_conf_command, HAProxy (no such directive) through an OpenSSL config file whose
 # system_default section OpenSSL applies to every SSL_CTX the process creates.
+# HTTP/2: "listen ... ssl http2" before nginx 1.25.1, "http2 on;" since. keepalive_requests
+# (which also bounds HTTP/2 streams per connection since 1.19.7) is lifted: h2load does not
+# reconnect when a connection is closed after 1000 requests.
+NGINX_NUM=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+if [[ $(printf '%s\n' 1.25.1 "$NGINX_NUM" | sort -V | head -n 1) = 1.25.1 ]]; then
+    NGINX_LISTEN="listen 127.0.0.1:${PORT[nginx]} ssl; http2 on;"
+else
+    NGINX_LISTEN="listen 127.0.0.1:${PORT[nginx]} ssl http2;"
+fi
+# nginx keeps at most `keepalive N` idle backend connections and closes the rest after use, so
+# N must cover h2load's concurrency (H2_CONNS x H2_STREAMS requests in flight) or nginx would
+# open and close backend connections all the time (ephemera and HAProxy keep what they open).
+NGINX_KEEPALIVE=$((H2_CONNS * H2_STREAMS > 32 ? H2_CONNS * H2_STREAMS : 32))
 mkdir -p "$TMP/nginx"
 cat >"$TMP/nginx.conf" <<EOF
 worker_processes 1;
@@ -193,8 +279,14 @@ events { worker_connections 1024; }
 http {
     access_log off;
     default_type text/plain;
+    keepalive_requests 100000000;
+    upstream app {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive $NGINX_KEEPALIVE;
+        keepalive_requests 100000000;
+    }
     server {
-        listen 127.0.0.1:${PORT[nginx]} ssl;
+        $NGINX_LISTEN
         ssl_certificate $CRT;
         ssl_certificate_key $KEY;
         ssl_protocols TLSv1.3;
@@ -204,7 +296,7 @@ http {
         ssl_session_tickets off;
         ssl_session_cache off;
         ssl_conf_command NumTickets 0;
-        location / { return 200 "ok\n"; }
+        location / { $NGINX_LOCATION }
     }
 }
 EOF
@@ -232,8 +324,11 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend bench
-    bind 127.0.0.1:${PORT[haproxy]} ssl crt $TMP/haproxy.pem
-    http-request return status 200 content-type text/plain string "ok"
+    bind 127.0.0.1:${PORT[haproxy]} ssl crt $TMP/haproxy.pem alpn h2,http/1.1
+    $HAPROXY_ACTION
+backend app
+    http-reuse always
+    server backend 127.0.0.1:$BACKEND_PORT
 EOF
 
 "$EPH" check --config "$TMP/ephemera.yaml" >"$TMP/ephemera-check.log" 2>&1 ||
@@ -242,6 +337,8 @@ nginx -t -p "$TMP/nginx/" -c "$TMP/nginx.conf" -e "$TMP/nginx-error.log" >"$TMP/
     die "nginx -t rejected the config: $(cat "$TMP/nginx-check.log")"
 OPENSSL_CONF=$TMP/haproxy-openssl.cnf haproxy -c -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 ||
     die "haproxy -c rejected the config: $(cat "$TMP/haproxy-check.log")"
+nginx -t -p "$TMP/backend/" -c "$TMP/backend.conf" -e "$TMP/backend-error.log" >"$TMP/backend-check.log" 2>&1 ||
+    die "nginx -t rejected the backend config: $(cat "$TMP/backend-check.log")"
 
 # ---------------------------------------------------------------------------------------------
 # 3. Start the servers, pinned to SERVER_CPU. (env and taskset exec, so $! is the server.)
@@ -252,6 +349,19 @@ start() {
     taskset -c "$SERVER_CPU" "$@" >"$TMP/$name.log" 2>&1 &
     PID[$name]=$!
 }
+# The backend shares the client CPU: it is not what is measured, and CPU 0 stays the servers'.
+BACKEND_PIDS=""
+if [[ $MODE = proxy ]]; then
+    taskset -c "$CLIENT_CPU" nginx -p "$TMP/backend/" -c "$TMP/backend.conf" -e "$TMP/backend-error.log" \
+        -g 'daemon off;' >"$TMP/backend.log" 2>&1 &
+    PID[backend]=$!
+    for ((i = 0; ; i++)); do
+        kill -0 "${PID[backend]}" 2>/dev/null || die "backend nginx exited at start (log: $(tail -n 5 "$TMP/backend.log" 2>/dev/null))"
+        port_in_use "$BACKEND_PORT" && break
+        ((i < 100)) || die "backend nginx does not listen on 127.0.0.1:$BACKEND_PORT after 10 s"
+        sleep 0.1
+    done
+fi
 start ephemera env EPHEMERA_LOG=warn "$EPH" serve --config "$TMP/ephemera.yaml"
 start nginx nginx -p "$TMP/nginx/" -c "$TMP/nginx.conf" -e "$TMP/nginx-error.log" -g 'daemon off;'
 start haproxy env OPENSSL_CONF="$TMP/haproxy-openssl.cnf" haproxy -db -f "$TMP/haproxy.cfg"
@@ -282,6 +392,12 @@ PIDS[haproxy]=${PID[haproxy]}
 workers=$(children_of "${PID[nginx]}" | tr '\n' ' ')
 [[ -n $workers ]] || die "nginx master ${PID[nginx]} has no worker process"
 PIDS[nginx]="${PID[nginx]} ${workers% }"
+if [[ $MODE = proxy ]]; then
+    workers=$(children_of "${PID[backend]}" | tr '\n' ' ')
+    [[ -n $workers ]] || die "backend nginx master ${PID[backend]} has no worker process"
+    BACKEND_PIDS="${PID[backend]} ${workers% }"
+    log "backend: nginx pids $BACKEND_PIDS, CPU $CLIENT_CPU, port $BACKEND_PORT (plain HTTP/1.1)"
+fi
 for s in "${SERVERS[@]}"; do
     for p in ${PIDS[$s]}; do
         aff=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$p/status")
@@ -314,6 +430,9 @@ verify() {
         die "$s: default client (X25519 key share) did not get X25519: $(grep 'Temp Key' "$out.default")"
     { grep -q '^HTTP/1\.[01] 200' "$out.default" && grep -q '^ok' "$out.default"; } ||
         die "$s: response is not '200 ... ok': $(grep -A8 '^HTTP/' "$out.default" | sed -n 1,8p)"
+    if [[ $MODE = proxy ]] && ! grep -qi '^X-Bench-Backend: 1' "$out.default"; then
+        die "$s: the response did not come from the backend (no X-Bench-Backend header): $(grep -A8 '^HTTP/' "$out.default" | sed -n 1,8p)"
+    fi
     if grep -q 'New Session Ticket' "$out.default" || [[ -e $out.sess ]]; then
         die "$s issues TLS 1.3 session tickets (policy not equivalent): $(grep -c 'New Session Ticket' "$out.default") NewSessionTicket message(s)"
     fi
@@ -330,7 +449,13 @@ verify() {
     if sclient "$port" "$out.tls12" -tls1_2 && grep -q 'Cipher is [A-Z]' "$out.tls12"; then
         die "$s accepts TLS 1.2: policy not equivalent"
     fi
-    log "$s: policy OK (TLS 1.3 only; AES-128-GCM chosen over the client's order; X25519/P-256/P-384 yes, FFDHE no; no ticket; chain verifies; 200 ok)"
+    # HTTP/2 by ALPN, with h2load itself (the keep-alive load below).
+    timeout 10 h2load -n 4 -c 1 -m 2 "https://127.0.0.1:$port/" >"$out.h2" 2>&1 ||
+        die "$s: h2load -n 4 failed: $(tail -n 5 "$out.h2")"
+    { grep -q '^Application protocol: h2' "$out.h2" && grep -q ' 4 succeeded, 0 failed, 0 errored' "$out.h2" &&
+        grep -q '^status codes: 4 2xx' "$out.h2"; } ||
+        die "$s: HTTP/2 check with h2load failed: $(grep -E '^(Application|requests|status)' "$out.h2")"
+    log "$s: policy OK (TLS 1.3 only; AES-128-GCM chosen over the client's order; X25519/P-256/P-384 yes, FFDHE no; no ticket; chain verifies; 200 ok$([[ $MODE = proxy ]] && echo ' from the backend'); h2 by ALPN)"
 }
 for s in "${SERVERS[@]}"; do verify "$s"; done
 
@@ -385,14 +510,71 @@ wait_quiet() { # until the server and client CPUs were < MAX_BUSY % busy for 2 s
     done
 }
 
-RESULTS=$TMP/results.tsv
-: >"$RESULTS"
-# One measurement; appends a line to $RESULTS. Returns 1 if other processes used more than
-# MAX_BUSY % of the server or client CPU meanwhile (the caller may measure again).
-measure_once() { # round server retries-left
-    local r=$1 s=$2 port=${PORT[$2]} out=$TMP/s_time-$2-$1.out flag=""
-    local u0 s0 u1 s1 a0 at0 a1 at1 b0 bt0 b1 bt1 c0 c1 w0 w1 conns resumed load
-    local hs0=0 hs1=0 rs0=0 rs1=0 oa ob
+# One results file per client: $TMP/results-CLIENT.tsv, one line per measurement:
+#  1 round, 2 server, 3 count (handshakes, or requests for h2load), 4 start, 5 end (s),
+#  6 server utime, 7 server stime, 8 client ticks (all ticks), 9 other % CPU server,
+# 10 other % CPU client, 11 load 1m, 12 CLK_TCK, 13 flag (! = busy), 14 client-observed rate
+# (per s), 15 client-observed latency (ms: loadgen p99 of a whole connection, h2load mean per
+# request, "-" for s_time), 16 backend ticks.
+for c in $CLIENTS; do : >"$TMP/results-$c.tsv"; done
+json_get() { # file key.path... -> value (python3)
+    python3 - "$@" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k in sys.argv[2].split("."):
+    d = d.get(k, {}) if isinstance(d, dict) else {}
+print(d if not isinstance(d, dict) else "")
+PYEOF
+}
+# Runs one client against port; sets COUNT, RATE, LAT (globals). Dies on any failure.
+run_client() { # client server port out
+    local c=$1 s=$2 port=$3 out=$4 resumed errs
+    case $c in
+    s_time)
+        taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:$port" -new -time "$DURATION" -www / >"$out" 2>&1 ||
+            die "$s: openssl s_time failed: $(tail -n 5 "$out")"
+        COUNT=$({ grep -Eo '^[0-9]+ connections in [0-9.]+s;' "$out" || true; } | sed -n '1s/ .*//p')
+        [[ -n $COUNT && $COUNT -gt 0 ]] || die "$s: cannot parse the connection count from s_time: $(tail -n 3 "$out")"
+        # s_time prints one character per connection: '*' new session, 'r' resumed.
+        resumed=$({ grep -E '^[*r3t]+$' "$out" || true; } | tr -cd 'r' | wc -c)
+        ((resumed == 0)) || die "$s: $resumed of $COUNT s_time connections were resumed"
+        RATE=- LAT=-
+        ;;
+    loadgen)
+        taskset -c "$CLIENT_CPU" "$EPH" loadgen "https://127.0.0.1:$port/" --sni localhost --mode handshake \
+            -c "$LG_CONNS" -d "${DURATION}s" --insecure --json >"$out" 2>"$out.err" ||
+            die "$s: ephemera loadgen failed: $(tail -n 5 "$out.err")"
+        COUNT=$(json_get "$out" handshakes)
+        errs=$(json_get "$out" errors.total)
+        resumed=$(json_get "$out" resumed_handshakes)
+        [[ $COUNT =~ ^[0-9]+$ && $COUNT -gt 0 ]] || die "$s: loadgen reported no handshakes: $(head -c 600 "$out")"
+        ((errs == 0)) || die "$s: loadgen saw $errs errors: $(json_get "$out" errors.by_kind)"
+        ((resumed == 0)) || die "$s: loadgen saw $resumed resumed handshakes"
+        [[ $(json_get "$out" status.2xx) = "$COUNT" ]] || die "$s: not every loadgen response was 2xx: $(json_get "$out" status)"
+        RATE=$(json_get "$out" handshakes_per_s)
+        LAT=$(awk -v u="$(json_get "$out" latency_us.request.p99)" 'BEGIN {printf "%.2f", u / 1000}')
+        ;;
+    h2load)
+        taskset -c "$CLIENT_CPU" h2load -c "$H2_CONNS" -m "$H2_STREAMS" -D "$DURATION" "https://127.0.0.1:$port/" >"$out" 2>&1 ||
+            die "$s: h2load failed: $(tail -n 5 "$out")"
+        grep -q '^Application protocol: h2' "$out" || die "$s: h2load did not negotiate h2: $(grep -E '^(Application|requests)' "$out")"
+        COUNT=$(awk '/^requests: / {print $8}' "$out")
+        errs=$(awk '/^requests: / {print $10 + $12 + $14}' "$out")
+        [[ $COUNT =~ ^[0-9]+$ && $COUNT -gt 0 ]] || die "$s: cannot parse h2load's request count: $(grep '^requests' "$out")"
+        ((errs == 0)) || die "$s: h2load requests failed/errored/timed out: $(grep '^requests' "$out")"
+        grep -q "^status codes: $COUNT 2xx" "$out" || die "$s: not every h2load response was 2xx: $(grep '^status' "$out")"
+        RATE=$(awk '/^finished in/ {gsub(",", "", $4); print $4}' "$out")
+        LAT=$(awk '/^time for request:/ {v = $6; if (v ~ /us$/) {sub("us", "", v); v /= 1000} else if (v ~ /ms$/) sub("ms", "", v); else if (v ~ /s$/) {sub("s", "", v); v *= 1000}; printf "%.2f", v}' "$out")
+        ;;
+    esac
+}
+
+# One measurement; appends a line to the client's results. Returns 1 if other processes used
+# more than MAX_BUSY % of the server or client CPU meanwhile (the caller may measure again).
+measure_once() { # client round server retries-left
+    local c=$1 r=$2 s=$3 left=$4 port=${PORT[$3]} out=$TMP/$1-$3-$2.out flag=""
+    local u0 s0 u1 s1 a0 at0 a1 at1 b0 bt0 b1 bt1 c0 c1 w0 w1 load k0=0 k1=0
+    local hs0=0 hs1=0 rs0=0 rs1=0 oa ob want
     wait_quiet
     load=$(cut -d' ' -f1 /proc/loadavg)
     if [[ $s = ephemera ]]; then
@@ -400,74 +582,81 @@ measure_once() { # round server retries-left
         rs0=$(eph_counter ephemera_tls_resumed_handshakes_total)
     fi
     # shellcheck disable=SC2086
+    [[ -z $BACKEND_PIDS ]] || read -r k0 < <(cpu_ticks $BACKEND_PIDS | awk '{print $1 + $2}')
+    # shellcheck disable=SC2086
     read -r u0 s0 < <(cpu_ticks ${PIDS[$s]})
     read -r a0 at0 < <(cpu_busy "$SERVER_CPU")
     read -r b0 bt0 < <(cpu_busy "$CLIENT_CPU")
     w0=$(date +%s.%N)
     c0=$(child_ticks)
-    taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:$port" -new -time "$DURATION" -www / >"$out" 2>&1 ||
-        die "$s: openssl s_time failed: $(tail -n 5 "$out")"
+    run_client "$c" "$s" "$port" "$out"
     c1=$(child_ticks)
     w1=$(date +%s.%N)
     read -r a1 at1 < <(cpu_busy "$SERVER_CPU")
     read -r b1 bt1 < <(cpu_busy "$CLIENT_CPU")
     # shellcheck disable=SC2086
     read -r u1 s1 < <(cpu_ticks ${PIDS[$s]})
-    conns=$({ grep -Eo '^[0-9]+ connections in [0-9.]+s;' "$out" || true; } | sed -n '1s/ .*//p')
-    [[ -n $conns && $conns -gt 0 ]] || die "$s: cannot parse the connection count from s_time: $(tail -n 3 "$out")"
-    # s_time prints one character per connection: '*' new session, 'r' resumed.
-    resumed=$({ grep -E '^[*r3t]+$' "$out" || true; } | tr -cd 'r' | wc -c)
-    ((resumed == 0)) || die "$s: $resumed of $conns s_time connections were resumed"
+    # shellcheck disable=SC2086
+    [[ -z $BACKEND_PIDS ]] || read -r k1 < <(cpu_ticks $BACKEND_PIDS | awk '{print $1 + $2}')
     if [[ $s = ephemera ]]; then
         hs1=$(eph_counter ephemera_tls_handshakes_total)
         rs1=$(eph_counter ephemera_tls_resumed_handshakes_total)
         ((rs1 == rs0)) || die "ephemera counted $((rs1 - rs0)) resumed handshakes"
-        ((hs1 - hs0 == conns)) ||
-            log "note: ephemera counted $((hs1 - hs0)) handshakes, s_time $conns connections"
+        want=$COUNT
+        [[ $c = h2load ]] && want=$H2_CONNS
+        ((hs1 - hs0 == want)) ||
+            log "note: ephemera counted $((hs1 - hs0)) handshakes, $c $want"
     fi
-    # Other processes' share of each CPU: busy ticks minus ours (server on one, client on the
-    # other; the few ticks of date/cut in the window count as "other").
+    # Other processes' share of each CPU: busy ticks minus ours (server on one, client and
+    # backend on the other; the few ticks of date/cut in the window count as "other").
     oa=$(pct $((a1 - a0 - (u1 - u0) - (s1 - s0))) $((at1 - at0)))
-    ob=$(pct $((b1 - b0 - (c1 - c0))) $((bt1 - bt0)))
+    ob=$(pct $((b1 - b0 - (c1 - c0) - (k1 - k0))) $((bt1 - bt0)))
     ((oa < 0)) && oa=0
     ((ob < 0)) && ob=0
     local busy=0
     if [[ -n $MAX_BUSY ]] && ((oa >= MAX_BUSY || ob >= MAX_BUSY)); then
         busy=1
-        (($3 > 0)) || flag="!"
+        ((left > 0)) || flag="!"
     fi
-    if ((busy == 0 || $3 == 0)); then
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$s" "$conns" "$w0" "$w1" \
-            "$((u1 - u0))" "$((s1 - s0))" "$((c1 - c0))" "$oa" "$ob" "$load" "$CLK_TCK" "$flag" >>"$RESULTS"
+    if ((busy == 0 || left == 0)); then
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$s" "$COUNT" "$w0" "$w1" \
+            "$((u1 - u0))" "$((s1 - s0))" "$((c1 - c0))" "$oa" "$ob" "$load" "$CLK_TCK" "$flag" "$RATE" "$LAT" \
+            "$((k1 - k0))" >>"$TMP/results-$c.tsv"
     fi
-    awk -v r="$r" -v s="$s" -v c="$conns" -v w="$(awk -v a="$w0" -v b="$w1" 'BEGIN {print b - a}')" \
-        -v u="$((u1 - u0))" -v y="$((s1 - s0))" -v cl="$((c1 - c0))" -v hz="$CLK_TCK" -v oa="$oa" -v ob="$ob" -v l="$load" 'BEGIN {
+    awk -v cl="$c" -v r="$r" -v s="$s" -v c="$COUNT" -v w="$(awk -v a="$w0" -v b="$w1" 'BEGIN {print b - a}')" \
+        -v u="$((u1 - u0))" -v y="$((s1 - s0))" -v ct="$((c1 - c0))" -v hz="$CLK_TCK" -v oa="$oa" -v ob="$ob" -v l="$load" \
+        -v rate="$RATE" -v lat="$LAT" 'BEGIN {
         us = 1e6 / hz
-        printf "round %s %-8s %6d conns %6.0f conn/s  server %6.1f us/hs (user %.1f, sys %.1f)  client %6.1f us/hs  other procs: %d%% / %d%% of server/client CPU  load %s\n",
-            r, s, c, c / w, (u + y) * us / c, u * us / c, y * us / c, cl * us / c, oa, ob, l }' >&2
-    if ((busy)) && (($3 > 0)); then
+        printf "%-7s round %s %-8s %7d x %6.0f/s  server %6.1f us each (user %.1f, sys %.1f)  client %6.1f us each  rate %s  latency %s ms  other procs: %d%% / %d%%  load %s\n",
+            cl, r, s, c, c / w, (u + y) * us / c, u * us / c, y * us / c, ct * us / c, rate, lat, oa, ob, l }' >&2
+    if ((busy)) && ((left > 0)); then
         log "other processes used ${oa}% / ${ob}% of CPU $SERVER_CPU / $CLIENT_CPU (MAX_BUSY=$MAX_BUSY): measuring $s again"
         return 1
     fi
     return 0
 }
-measure() { # round server
+measure() { # client round server
     local left=$RETRIES
-    until measure_once "$1" "$2" "$left"; do left=$((left - 1)); done
+    until measure_once "$1" "$2" "$3" "$left"; do left=$((left - 1)); done
 }
 
-# Warm up each server (page faults, allocator, first-use paths), not measured.
+# Warm up each server (page faults, allocator, first-use paths, backend pools), not measured.
 for s in "${SERVERS[@]}"; do
     taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:${PORT[$s]}" -new -time 1 -www / >/dev/null 2>&1 ||
         die "$s: warm-up s_time failed"
+    taskset -c "$CLIENT_CPU" h2load -c "$H2_CONNS" -m "$H2_STREAMS" -D 1 "https://127.0.0.1:${PORT[$s]}/" >/dev/null 2>&1 ||
+        die "$s: warm-up h2load failed"
 done
 
 START_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
-log "measuring: $ROUNDS round(s) x ${#SERVERS[@]} servers x ${DURATION}s; load now: $(cut -d' ' -f1-3 /proc/loadavg)"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "measuring ($MODE mode): $ROUNDS round(s) x ${#SERVERS[@]} servers x clients ($CLIENTS) x ${DURATION}s; load now: $(cut -d' ' -f1-3 /proc/loadavg)"
 for ((r = 1; r <= ROUNDS; r++)); do
     # Rotate the order each round so slow drifts in background load do not favour one server.
     for ((k = 0; k < ${#SERVERS[@]}; k++)); do
-        measure "$r" "${SERVERS[$(((k + r - 1) % ${#SERVERS[@]}))]}"
+        for c in $CLIENTS; do
+            measure "$c" "$r" "${SERVERS[$(((k + r - 1) % ${#SERVERS[@]}))]}"
+        done
     done
 done
 
@@ -484,52 +673,97 @@ fi
 OPENSSL_V=$(openssl version)
 
 CMD="DURATION=$DURATION ROUNDS=$ROUNDS"
+[[ $MODE != proxy ]] && CMD="MODE=$MODE $CMD"
 [[ -n $MAX_BUSY ]] && CMD="$CMD MAX_BUSY=$MAX_BUSY"
-{
+[[ $CLIENTS != "s_time loadgen h2load" ]] && CMD="CLIENTS=\"$CLIENTS\" $CMD"
+[[ $LG_CONNS != 8 ]] && CMD="LG_CONNS=$LG_CONNS $CMD"
+[[ $H2_CONNS != 8 || $H2_STREAMS != 10 ]] && CMD="H2_CONNS=$H2_CONNS H2_STREAMS=$H2_STREAMS $CMD"
+if [[ $MODE = proxy ]]; then
+    MODE_TEXT="**proxy mode**: each server proxies every request to the same plain-HTTP/1.1 backend (a separate nginx $NGINX_NUM answering \"ok\", pinned to CPU $CLIENT_CPU with the client) over pooled keep-alive connections (ephemera upstream pool; nginx \`keepalive $NGINX_KEEPALIVE\`; HAProxy \`http-reuse always\`)"
+else
+    MODE_TEXT="**respond mode**: each server answers \"ok\" itself (no backend)"
+fi
+report_client() { # client
+    local c=$1 rf=$TMP/results-$1.tsv unit title load latname
+    case $c in
+    s_time)
+        unit=handshake
+        title="TLS 1.3 full handshake, \`openssl s_time\`: server CPU per connection"
+        load="\`openssl s_time -connect 127.0.0.1:PORT -new -time $DURATION -www /\`, one connection at a time: new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256, no ALPN), GET / over HTTP/1.0, close"
+        latname="client latency"
+        ;;
+    loadgen)
+        unit=handshake
+        title="TLS 1.3 full handshake, \`ephemera loadgen\`: server CPU per connection"
+        load="\`ephemera loadgen https://127.0.0.1:PORT/ --sni localhost --mode handshake -c $LG_CONNS -d ${DURATION}s --insecure --json\`: $LG_CONNS concurrent connections, each a new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256, ALPN h2), one GET / over HTTP/2, close; rate and p99 as loadgen observed them (p99 of the whole connection: connect + handshake + request)"
+        latname="client p99 ms/conn"
+        ;;
+    h2load)
+        unit=request
+        title="Keep-alive HTTP/2 requests, \`h2load\`: server CPU per request"
+        load="\`h2load -c $H2_CONNS -m $H2_STREAMS -D $DURATION https://127.0.0.1:PORT/\`: $H2_CONNS TLS 1.3 connections (opened once), $H2_STREAMS concurrent streams each, GET /; rate and mean time per request as h2load observed them (h2load gives no percentiles)"
+        latname="client mean ms/req"
+        ;;
+    esac
+    [[ -s $rf ]] || return 0
     echo
-    echo "### TLS 1.3 full handshake: server CPU per connection"
+    echo "### $title ($MODE mode)"
     echo
-    echo "- date: $START_DATE; command: \`$CMD bash benches/compare.sh\`"
-    echo "- machine: nproc=$NCPU, ${MODEL:-unknown CPU}, kernel $(uname -r); servers pinned to CPU $SERVER_CPU, client to CPU $CLIENT_CPU; CLK_TCK=$CLK_TCK"
-    echo "- software: $EPH_V; $NGINX_V; $HAPROXY_V; $OPENSSL_V (client, and the library of nginx and HAProxy)"
-    echo "- load: \`openssl s_time -connect 127.0.0.1:PORT -new -time $DURATION -www /\`, one connection at a time: new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256), GET /, close"
+    echo "- load: $load"
     echo
-    echo "| round | server | connections | conn/s | server user µs/hs | server sys µs/hs | **server total µs/hs** | server CPU busy | client µs/hs | other procs on CPU $SERVER_CPU / $CLIENT_CPU | load 1m |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| round | server | ${unit}s | client ${unit}s/s | $latname | server user µs/$unit | server sys µs/$unit | **server total µs/$unit** | server CPU busy | client µs/$unit | backend µs/$unit | other procs on CPU $SERVER_CPU / $CLIENT_CPU | load 1m |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     awk -F'\t' '{
         c = $3; w = $5 - $4; us = 1e6 / $12; mine = $6 + $7
-        printf "| %s | %s%s | %d | %.0f | %.1f | %.1f | **%.1f** | %.0f%% | %.1f | %d%% / %d%% | %s |\n",
-            $1, $2, $13, c, c / w, $6 * us / c, $7 * us / c, mine * us / c, 100 * mine * us / 1e6 / w,
-            $8 * us / c, $9, $10, $11 }' "$RESULTS"
-    if grep -q '!$' "$RESULTS"; then
+        rate = ($14 == "-" ? sprintf("%.0f", c / w) : sprintf("%.0f", $14))
+        printf "| %s | %s%s | %d | %s | %s | %.1f | %.1f | **%.1f** | %.0f%% | %.1f | %.1f | %d%% / %d%% | %s |\n",
+            $1, $2, $13, c, rate, $15, $6 * us / c, $7 * us / c, mine * us / c, 100 * mine * us / 1e6 / w,
+            $8 * us / c, $16 * us / c, $9, $10, $11 }' "$rf"
+    if grep -q $'\t!\t' "$rf"; then
         echo
         echo "\`!\`: other processes used at least MAX_BUSY=$MAX_BUSY% of a CPU during this measurement, even after $RETRIES retries; left out of the summary below unless the server has no other row."
     fi
     echo
-    echo "| server | server total µs/handshake, all rounds (min–max of rounds) | ratio to ephemera |"
-    echo "|---|---:|---:|"
+    echo "| server | **server total µs/$unit**, all rounds (min–max of rounds) | **ratio to ephemera** | server user / sys µs/$unit | client ${unit}s/s (mean of rounds) | $latname (mean of rounds) |"
+    echo "|---|---:|---:|---:|---:|---:|"
     # Rows marked ! count only for a server that has no unmarked row.
     awk -F'\t' 'NR == FNR { if ($13 == "") clean[$2] = 1; next }
     $13 == "" || !($2 in clean) {
         s = $2; us = 1e6 / $12; v = ($6 + $7) * us / $3
-        ticks[s] += $6 + $7; conns[s] += $3; scale[s] = us
+        ticks[s] += $6 + $7; ut[s] += $6; st[s] += $7; conns[s] += $3; scale[s] = us; n[s]++
+        rate[s] += ($14 == "-" ? $3 / ($5 - $4) : $14)
+        if ($15 != "-") { lat[s] += $15; nl[s]++ }
         if (!(s in lo) || v < lo[s]) lo[s] = v
         if (!(s in hi) || v > hi[s]) hi[s] = v
     } END {
-        n = split("ephemera nginx haproxy", order, " ")
-        base = ticks["ephemera"] * scale["ephemera"] / conns["ephemera"]
-        for (i = 1; i <= n; i++) {
-            s = order[i]; m = ticks[s] * scale[s] / conns[s]
-            printf "| %s | %.1f (%.1f–%.1f) | %.2f |\n", s, m, lo[s], hi[s], (base > 0 ? m / base : 0)
+        k = split("ephemera nginx haproxy", order, " ")
+        base = (conns["ephemera"] > 0 ? ticks["ephemera"] * scale["ephemera"] / conns["ephemera"] : 0)
+        for (i = 1; i <= k; i++) {
+            s = order[i]
+            if (!(s in conns)) continue
+            m = ticks[s] * scale[s] / conns[s]
+            printf "| %s | **%.1f** (%.1f–%.1f) | **%.2f** | %.1f / %.1f | %.0f | %s |\n", s, m, lo[s], hi[s],
+                (base > 0 ? m / base : 0), ut[s] * scale[s] / conns[s], st[s] * scale[s] / conns[s],
+                rate[s] / n[s], (nl[s] ? sprintf("%.2f", lat[s] / nl[s]) : "-")
         }
-    }' "$RESULTS" "$RESULTS"
+    }' "$rf" "$rf"
     echo
     awk -F'\t' '{ v[$1, $2] = ($6 + $7) / $3; if ($1 > R) R = $1 } END {
-        printf "Per-round ratios of server CPU per handshake:"
+        printf "Per-round ratios of server CPU:"
         for (r = 1; r <= R; r++) {
             e = v[r, "ephemera"]
             if (e > 0) printf " round %d: nginx/ephemera %.2f, haproxy/ephemera %.2f%s", r,
                 v[r, "nginx"] / e, v[r, "haproxy"] / e, (r < R ? ";" : "")
         }
-        printf ".\n" }' "$RESULTS"
+        printf ".\n" }' "$rf"
+}
+{
+    echo
+    echo "## ephemera vs nginx vs HAProxy: server CPU ($MODE mode)"
+    echo
+    echo "- date: $START_DATE; command: \`$CMD bash benches/compare.sh\`"
+    echo "- machine: nproc=$NCPU, ${MODEL:-unknown CPU}, kernel $(uname -r); servers pinned to CPU $SERVER_CPU, clients$([[ $MODE = proxy ]] && echo ' and backend') to CPU $CLIENT_CPU; CLK_TCK=$CLK_TCK; load average before/after: $LOAD_BEFORE / $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- software: $EPH_V; $NGINX_V; $HAPROXY_V; $OPENSSL_V (s_time, and the library of nginx and HAProxy); $(h2load --version 2>&1 | sed -n 1p)"
+    echo "- $MODE_TEXT"
+    for c in $CLIENTS; do report_client "$c"; done
 }
