@@ -418,3 +418,60 @@ async fn routing_host_and_backend_host_cannot_disagree() {
         .unwrap();
     assert_eq!(c.send(req).await.unwrap().status(), 403);
 }
+
+#[tokio::test]
+async fn http10_requests_reuse_pooled_backend_connections() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .map(|h| h.to_str().unwrap_or("").to_string())
+                            .unwrap_or_default();
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(full(format!(
+                            "host={host} version={:?}",
+                            req.version()
+                        ))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    for i in 0..5 {
+        // HTTP/1.0 without Host, one request per client connection (as `openssl s_time -www`).
+        let mut tls = tls_connect(proxy.addr, "localhost", client_config(&certs.ca_der(), &[]))
+            .await
+            .unwrap();
+        tls.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains(" 200 "), "request {i}: {text}");
+        assert!(
+            text.ends_with("host=app version=HTTP/1.1"),
+            "request {i}: {text}"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one pooled backend connection serves them all"
+    );
+}

@@ -153,12 +153,15 @@ async fn forward(
         .unwrap_or("/")
         .parse()
         .unwrap_or_else(|_| http::Uri::from_static("/"));
-    // HTTP/1.0 without Host stays HTTP/1.0 so the backend does not reject a Host-less 1.1.
-    parts.version = if authority.is_none() && client_version == Version::HTTP_10 {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
+    // Always HTTP/1.1 to the backend, so the pooled connection stays open (an HTTP/1.0
+    // request would close it after every response). A request without any host (HTTP/1.0
+    // without Host) gets the upstream's name, as nginx sends its `$proxy_host`.
+    parts.version = Version::HTTP_11;
+    if authority.is_none()
+        && let Ok(v) = HeaderValue::from_str(up.name())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
     let usize_limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let body = ClientBody::new(Limited::new(body, usize_limit), l.cfg.idle_timeout).boxed();
     match up.send(Request::from_parts(parts, body)).await {
