@@ -16,7 +16,3 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .map_err(|never| match never {})
         .boxed()
 }
-
-pub fn empty() -> ProxyBody {
-    full(Bytes::new())
-}

@@ -296,10 +296,6 @@ impl Metrics {
         }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// The registry in Prometheus text exposition format.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();

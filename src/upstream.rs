@@ -313,20 +313,17 @@ pin_project_lite::pin_project! {
 
 impl SentSignal {
     fn new(inner: ProxyBody, sent: watch::Sender<bool>) -> SentSignal {
-        let mut s = SentSignal {
-            inner,
-            sent: Some(sent),
-        };
-        if s.inner.is_end_stream() {
-            s.fire();
+        let mut sent = Some(sent);
+        if inner.is_end_stream() {
+            fire(&mut sent);
         }
-        s
+        SentSignal { inner, sent }
     }
+}
 
-    fn fire(&mut self) {
-        if let Some(tx) = self.sent.take() {
-            let _ = tx.send(true);
-        }
+fn fire(sent: &mut Option<watch::Sender<bool>>) {
+    if let Some(tx) = sent.take() {
+        let _ = tx.send(true);
     }
 }
 
@@ -347,8 +344,8 @@ impl Body for SentSignal {
             Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
             _ => false,
         };
-        if ended && let Some(tx) = this.sent.take() {
-            let _ = tx.send(true);
+        if ended {
+            fire(this.sent);
         }
         r
     }

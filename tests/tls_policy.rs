@@ -5,18 +5,17 @@
 
 mod common;
 use common::*;
-
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use ephemera::loadgen::client_tls::SignatureOnly;
 use rustls::client::{
     ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
     Tls13ClientSessionValue,
 };
 use rustls::crypto::{CipherSuiteCommon, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{
-    AlertDescription, CipherSuite, DigitallySignedStruct, HandshakeKind, NamedGroup,
-    SignatureScheme, SupportedCipherSuite, Tls13CipherSuite,
+    AlertDescription, CipherSuite, HandshakeKind, NamedGroup, SignatureScheme,
+    SupportedCipherSuite, Tls13CipherSuite,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -116,43 +115,8 @@ fn client_with_roots(
 }
 
 /// Accepts any certificate (no chain or name check) but still verifies the handshake
-/// signature with the presented leaf's key: for looking at which certificate is served when
-/// the name cannot verify (no SNI, unknown SNI).
-#[derive(Debug)]
-struct AnyCert(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
+/// signature with the presented leaf's key (loadgen's `--insecure` verifier): for looking at
+/// which certificate is served when the name cannot verify (no SNI, unknown SNI).
 fn any_cert_client() -> rustls::ClientConfig {
     let p = provider();
     let algs = p.signature_verification_algorithms;
@@ -160,7 +124,7 @@ fn any_cert_client() -> rustls::ClientConfig {
         .with_protocol_versions(rustls::ALL_VERSIONS)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(algs)))
+        .with_custom_certificate_verifier(Arc::new(SignatureOnly::new(algs)))
         .with_no_client_auth()
 }
 

@@ -266,10 +266,6 @@ impl Config {
             })?;
         validate::validate(raw, file)
     }
-
-    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
-        self.upstreams.iter().find(|u| u.name == name)
-    }
 }
 
 /// Parse a duration such as `10s`, `500ms`, `24h`.

@@ -14,20 +14,22 @@ impl Router {
 
     /// `host` is the request's host without port, or `None` (HTTP/1.0 without Host).
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&RouteAction> {
-        let host = host.map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+        let host = host.map(|h| h.trim_end_matches('.'));
         self.routes
             .iter()
-            .find(|r| host_matches(&r.host, host.as_deref()) && path.starts_with(&r.path_prefix))
+            .find(|r| host_matches(&r.host, host) && path.starts_with(&r.path_prefix))
             .map(|r| &r.action)
     }
 }
 
+/// Case-insensitive without allocating: the config's names are stored lower-case.
 fn host_matches(m: &HostMatch, host: Option<&str>) -> bool {
     match (m, host) {
         (HostMatch::Any, _) => true,
-        (HostMatch::Exact(name), Some(h)) => h == name,
+        (HostMatch::Exact(name), Some(h)) => h.eq_ignore_ascii_case(name),
         (HostMatch::Suffix(suffix), Some(h)) => {
-            h.len() > suffix.len() && h.ends_with(suffix.as_str())
+            let (h, suffix) = (h.as_bytes(), suffix.as_bytes());
+            h.len() > suffix.len() && h[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
         }
         (_, None) => false,
     }

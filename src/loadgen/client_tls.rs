@@ -61,7 +61,7 @@ pub fn client_config(
     let mut config = match &opts.verify {
         Verify::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SignatureOnly { algorithms }))
+            .with_custom_certificate_verifier(Arc::new(SignatureOnly::new(algorithms)))
             .with_no_client_auth(),
         Verify::CaFile(path) => builder
             .with_root_certificates(ca_file(path)?)
@@ -119,8 +119,14 @@ fn system_roots() -> Result<RootCertStore, ClientTlsError> {
 /// the certificate's key, so the server really does the private-key operation a verifying
 /// client would make it do (the cost we are measuring).
 #[derive(Debug)]
-struct SignatureOnly {
+pub struct SignatureOnly {
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SignatureOnly {
+    pub fn new(algorithms: WebPkiSupportedAlgorithms) -> SignatureOnly {
+        SignatureOnly { algorithms }
+    }
 }
 
 impl ServerCertVerifier for SignatureOnly {

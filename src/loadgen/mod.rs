@@ -7,7 +7,7 @@
 //! `metrics_scrape` and `proc_cpu` read the server's own view before and after; `progress`
 //! draws the live line.
 
-mod client_tls;
+pub mod client_tls;
 mod connect;
 mod drive;
 pub mod failure;

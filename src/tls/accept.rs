@@ -72,8 +72,6 @@ pub struct Established {
     /// Receives the TLS stream when `stream` is dropped, for `stream::close_lingering`.
     pub closed: oneshot::Receiver<Closed>,
     pub info: TlsInfo,
-    /// Connection id for logs (per listener, in accept order).
-    pub id: u64,
 }
 
 /// One listener's TLS: its policy config, certificates and handshake accounting.
@@ -227,7 +225,6 @@ impl TlsAcceptor {
             stream,
             closed,
             info,
-            id,
         }
     }
 }

@@ -76,11 +76,6 @@ impl ClientStream {
         Pin::new(self.inner.as_mut().expect("stream present until drop"))
     }
 
-    /// Forced updates so far on this connection.
-    pub fn key_updates(&self) -> u64 {
-        self.rekey.updates
-    }
-
     fn force(&mut self, cx: &mut Context<'_>, trigger: Trigger) {
         if self.rekey.decide(&self.metrics) == Decision::Defer {
             tracing::debug!(
