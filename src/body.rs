@@ -16,3 +16,10 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// An empty body (a request replayed without one).
+pub fn empty() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}

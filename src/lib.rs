@@ -38,6 +38,9 @@ pub enum StartError {
     /// A listener's TLS could not be built (certificate, key, policy).
     #[error(transparent)]
     Tls(#[from] tls::accept::TlsSetupError),
+    /// An upstream's TLS settings are unusable (CA file missing or empty).
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamSetupError),
     /// An address could not be bound (in use, permission).
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
@@ -59,7 +62,7 @@ impl Prepared {
     /// Load every certificate and build every TLS policy.
     pub fn new(config: Config) -> Result<Prepared, StartError> {
         let metrics = Metrics::new();
-        let upstreams = listener::upstreams(&config, &metrics);
+        let upstreams = listener::upstreams(&config, &metrics)?;
         let listeners = config
             .listeners
             .iter()

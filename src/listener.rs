@@ -2,14 +2,14 @@
 //! per connection that runs `tls::accept` and then `http::serve_connection`.
 //! First stage after `config`; everything a connection does starts here.
 
-use crate::config::{ListenerConfig, UpstreamProtocol};
+use crate::config::ListenerConfig;
 use crate::http::route::Router;
 use crate::http::{ListenerHttp, serve_connection};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::tls::TlsAcceptor;
 use crate::tls::accept::TlsSetupError;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamSetupError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,13 +80,13 @@ impl PreparedListener {
 }
 
 /// Upstream pools for the whole config, indexed like `Config::upstreams`.
-pub fn upstreams(cfg: &crate::config::Config, metrics: &Metrics) -> Vec<Arc<Upstream>> {
+pub fn upstreams(
+    cfg: &crate::config::Config,
+    metrics: &Metrics,
+) -> Result<Vec<Arc<Upstream>>, UpstreamSetupError> {
     cfg.upstreams
         .iter()
-        .map(|u| {
-            debug_assert_eq!(u.protocol, UpstreamProtocol::Http1);
-            Arc::new(Upstream::new(u, metrics.upstream(&u.name)))
-        })
+        .map(|u| Upstream::new(u, metrics.upstream(&u.name, u.protocol.name())).map(Arc::new))
         .collect()
 }
 

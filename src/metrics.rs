@@ -84,14 +84,18 @@ pub enum UpstreamErrorKind {
     ResponseTimeout,
     /// The request or response failed after the connection was made (reset, malformed response).
     Protocol,
+    /// The TLS handshake with an `h2` backend failed (certificate not verified, no common
+    /// version, the backend did not choose ALPN h2).
+    Tls,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 4] = [
+    pub const ALL: [UpstreamErrorKind; 5] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::ResponseTimeout,
         UpstreamErrorKind::Protocol,
+        UpstreamErrorKind::Tls,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -99,9 +103,42 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::ConnectTimeout => "connect_timeout",
             UpstreamErrorKind::ResponseTimeout => "response_timeout",
             UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::Tls => "tls",
         }
     }
 }
+
+/// Why a request went to another backend attempt: the `reason` label of
+/// `ephemera_upstream_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// The connection to a server failed; nothing was sent (any method).
+    Connect,
+    /// The backend refused the stream or closed the connection before answering, with
+    /// nothing of the request body sent: an idempotent request is tried once more.
+    Unanswered,
+}
+
+/// HTTP/2 error codes a GOAWAY can carry (RFC 9113 §7), as the `reason` label of
+/// `ephemera_h2_goaways_sent_total`, plus `shutdown` and `idle` for our graceful closes.
+pub const GOAWAY_REASONS: [&str; 16] = [
+    "no_error",
+    "protocol_error",
+    "internal_error",
+    "flow_control_error",
+    "settings_timeout",
+    "stream_closed",
+    "frame_size_error",
+    "refused_stream",
+    "cancel",
+    "compression_error",
+    "connect_error",
+    "enhance_your_calm",
+    "inadequate_security",
+    "http_1_1_required",
+    "shutdown",
+    "idle",
+];
 
 /// The TLS 1.3 suites as labelled in `ephemera_tls_handshakes_total{cipher_suite}`.
 pub const HANDSHAKE_SUITES: [&str; 3] = [
@@ -127,6 +164,12 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_errors: IntCounterVec,
+    upstream_connections_open: IntGaugeVec,
+    upstream_ejections: IntCounterVec,
+    upstream_retries: IntCounterVec,
+    h2_streams_open: IntGaugeVec,
+    h2_streams: IntCounterVec,
+    h2_goaways: IntCounterVec,
     key_updates: IntCounterVec,
     key_update_failures: IntCounterVec,
     key_updates_deferred: IntCounterVec,
@@ -239,6 +282,42 @@ impl Metrics {
                 "ephemera_upstream_errors_total",
                 "Backend errors by kind (connect, connect_timeout, response_timeout, protocol).",
                 &["upstream", "kind"],
+            ),
+            upstream_connections_open: gauge_vec(
+                &r,
+                "ephemera_upstream_connections_open",
+                "Backend connections currently open, by upstream and protocol (http1, h2c, h2).",
+                &["upstream", "protocol"],
+            ),
+            upstream_ejections: counter_vec(
+                &r,
+                "ephemera_upstream_ejections_total",
+                "Servers taken out of rotation for a cool-down after consecutive connect failures.",
+                &["upstream"],
+            ),
+            upstream_retries: counter_vec(
+                &r,
+                "ephemera_upstream_retries_total",
+                "Requests sent to another server after a failed attempt (connect: nothing sent; unanswered: an idempotent request the backend did not answer).",
+                &["upstream", "reason"],
+            ),
+            h2_streams_open: gauge_vec(
+                &r,
+                "ephemera_h2_streams_open",
+                "HTTP/2 client streams (requests) currently open.",
+                &["listener"],
+            ),
+            h2_streams: counter_vec(
+                &r,
+                "ephemera_h2_streams_total",
+                "HTTP/2 client streams (requests) received.",
+                &["listener"],
+            ),
+            h2_goaways: counter_vec(
+                &r,
+                "ephemera_h2_goaways_sent_total",
+                "GOAWAY frames sent to HTTP/2 clients, by error code (lower-case RFC 9113 name) or our reason (shutdown, idle).",
+                &["listener", "reason"],
             ),
             key_updates: counter_vec(
                 &r,
@@ -364,12 +443,29 @@ impl Metrics {
                 resumed: self.resumed.with_label_values(&[listener]),
                 connections_open: self.connections_open.with_label_values(&[listener]),
                 http_requests,
+                h2_streams_open: self.h2_streams_open.with_label_values(&[listener]),
+                h2_streams: self.h2_streams.with_label_values(&[listener]),
+                h2_goaways: GOAWAY_REASONS
+                    .iter()
+                    .map(|r| self.h2_goaways.with_label_values(&[listener, r]))
+                    .collect(),
             }),
         }
     }
 
-    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+    /// Resolve every per-upstream handle once. `protocol` is the upstream's protocol name.
+    pub fn upstream(&self, upstream: &str, protocol: &str) -> UpstreamMetrics {
         UpstreamMetrics {
+            connections_open: self
+                .upstream_connections_open
+                .with_label_values(&[upstream, protocol]),
+            ejections: self.upstream_ejections.with_label_values(&[upstream]),
+            retries_connect: self
+                .upstream_retries
+                .with_label_values(&[upstream, "connect"]),
+            retries_unanswered: self
+                .upstream_retries
+                .with_label_values(&[upstream, "unanswered"]),
             duration: self.upstream_duration.with_label_values(&[upstream]),
             errors: Arc::new(
                 UpstreamErrorKind::ALL
@@ -408,6 +504,10 @@ struct ListenerInner {
     resumed: IntCounter,
     connections_open: IntGauge,
     http_requests: HashMap<(&'static str, &'static str), IntCounter>,
+    h2_streams_open: IntGauge,
+    h2_streams: IntCounter,
+    /// Indexed like `GOAWAY_REASONS`.
+    h2_goaways: Vec<IntCounter>,
 }
 
 impl ListenerMetrics {
@@ -453,9 +553,9 @@ impl ListenerMetrics {
     }
 
     /// Counts the connection as open until the guard is dropped.
-    pub fn connection_opened(&self) -> ConnectionGuard {
+    pub fn connection_opened(&self) -> GaugeGuard {
         self.inner.connections_open.inc();
-        ConnectionGuard(self.inner.connections_open.clone())
+        GaugeGuard(self.inner.connections_open.clone())
     }
 
     /// `version` is one of `HTTP_VERSIONS`.
@@ -473,6 +573,31 @@ impl ListenerMetrics {
     }
 }
 
+impl ListenerMetrics {
+    /// An HTTP/2 request stream: counted, and open until the guard is dropped.
+    pub fn h2_stream(&self) -> GaugeGuard {
+        self.inner.h2_streams.inc();
+        self.inner.h2_streams_open.inc();
+        GaugeGuard(self.inner.h2_streams_open.clone())
+    }
+
+    /// `reason` is one of `GOAWAY_REASONS`; anything else is not counted.
+    pub fn goaway_sent(&self, reason: &str) {
+        if let Some(i) = GOAWAY_REASONS.iter().position(|r| *r == reason) {
+            self.inner.h2_goaways[i].inc();
+        }
+    }
+}
+
+/// Decrements a gauge when dropped.
+pub struct GaugeGuard(IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Handles for forced key updates and per-connection figures of one listener.
 #[derive(Clone)]
 pub struct RekeyMetrics {
@@ -485,23 +610,35 @@ pub struct RekeyMetrics {
     pub bytes: Histogram,
 }
 
-/// Decrements `ephemera_connections_open` when dropped.
-pub struct ConnectionGuard(IntGauge);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Handles for one upstream.
 #[derive(Clone)]
 pub struct UpstreamMetrics {
+    connections_open: IntGauge,
+    ejections: IntCounter,
+    retries_connect: IntCounter,
+    retries_unanswered: IntCounter,
     duration: Histogram,
     errors: Arc<Vec<IntCounter>>,
 }
 
 impl UpstreamMetrics {
+    /// A backend connection: open until the guard is dropped.
+    pub fn connection_opened(&self) -> GaugeGuard {
+        self.connections_open.inc();
+        GaugeGuard(self.connections_open.clone())
+    }
+
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+
+    pub fn retry(&self, reason: RetryReason) {
+        match reason {
+            RetryReason::Connect => self.retries_connect.inc(),
+            RetryReason::Unanswered => self.retries_unanswered.inc(),
+        }
+    }
+
     pub fn observe(&self, seconds: f64) {
         self.duration.observe(seconds);
     }

@@ -169,6 +169,25 @@ pub struct HttpConfig {
     pub max_request_body: u64,
     /// Peers whose X-Forwarded-For / Forwarded headers are kept and appended to.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub h2: H2Limits,
+}
+
+/// HTTP/2 server limits for one listener (`listeners[].http.h2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct H2Limits {
+    /// Streams one client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Flow-control window per stream: how much of a request body the client may send
+    /// before the backend has taken it.
+    pub initial_stream_window: u32,
+    /// Flow-control window for the whole connection.
+    pub initial_connection_window: u32,
+    /// Decoded size of one header list (RFC 9113 §6.5.2 accounting); larger ones get 431.
+    pub max_header_list_size: u32,
+    /// PING a connection after this long without frames from the client; `None`: never.
+    pub keepalive_interval: Option<Duration>,
+    /// How long to wait for the PING's acknowledgement before closing.
+    pub keepalive_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -199,15 +218,36 @@ pub enum RouteAction {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
+    /// HTTP/1.1 over TCP, pooled keep-alive connections.
     Http1,
+    /// HTTP/2 over TCP with prior knowledge (cleartext), multiplexed.
+    H2c,
+    /// HTTP/2 over TLS (ALPN h2, certificate verified), multiplexed.
+    H2,
 }
 
 impl UpstreamProtocol {
+    /// As written in the config and used as the `protocol` metric label.
     pub fn name(self) -> &'static str {
         match self {
             UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
         }
     }
+
+    pub fn is_h2(self) -> bool {
+        matches!(self, UpstreamProtocol::H2c | UpstreamProtocol::H2)
+    }
+}
+
+/// TLS to the backends of an `h2` upstream. Verification is always on.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// PEM file with the CA certificate(s) that signed the backends' certificates.
+    pub ca: PathBuf,
+    /// The name to verify and send as SNI; `None`: each server's host.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +259,11 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Bound on the wait for response headers (not on a streaming body).
     pub response_timeout: Duration,
+    /// HTTP/2: connections per server at most (another opens only when the open ones are
+    /// at the stream limit the server announced).
+    pub max_connections: usize,
+    /// Set exactly when `protocol` is `H2`.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Why a config was rejected. Every message names the file, the key path and the line.

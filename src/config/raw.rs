@@ -117,6 +117,25 @@ pub struct RawHttp {
     pub max_request_body: Option<S<String>>,
     #[serde(default)]
     pub trusted_proxies: Vec<S<String>>,
+    #[serde(default)]
+    pub h2: Option<S<RawH2>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawH2 {
+    #[serde(default)]
+    pub max_concurrent_streams: Option<S<u64>>,
+    #[serde(default)]
+    pub initial_stream_window: Option<S<String>>,
+    #[serde(default)]
+    pub initial_connection_window: Option<S<String>>,
+    #[serde(default)]
+    pub max_header_list_size: Option<S<String>>,
+    #[serde(default)]
+    pub keepalive_interval: Option<S<String>>,
+    #[serde(default)]
+    pub keepalive_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,4 +170,16 @@ pub struct RawUpstream {
     pub connect_timeout: Option<S<String>>,
     #[serde(default)]
     pub response_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub max_connections: Option<S<u64>>,
+    #[serde(default)]
+    pub tls: Option<S<RawUpstreamTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: S<String>,
+    #[serde(default)]
+    pub server_name: Option<S<String>>,
 }

@@ -17,6 +17,21 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 connections per backend server; each carries as many streams as the server allows.
+const DEFAULT_UPSTREAM_H2_CONNECTIONS: u64 = 8;
+const MAX_UPSTREAM_H2_CONNECTIONS: u64 = 1024;
+
+/// HTTP/2 limits for an internet-facing edge, after Envoy's edge guidance: 100 streams,
+/// 64 KiB stream and 1 MiB connection windows (so one client cannot make us buffer much),
+/// 16 KiB of headers (hyper's and nginx's order of magnitude).
+pub const DEFAULT_H2_LIMITS: H2Limits = H2Limits {
+    max_concurrent_streams: 100,
+    initial_stream_window: 64 * 1024,
+    initial_connection_window: 1024 * 1024,
+    max_header_list_size: 16 * 1024,
+    keepalive_interval: Some(Duration::from_secs(30)),
+    keepalive_timeout: Duration::from_secs(10),
+};
 
 struct Ctx<'a> {
     file: &'a str,
@@ -309,6 +324,7 @@ fn http(cx: &Ctx, key: &str, h: Option<&raw::RawHttp>) -> Result<HttpConfig, Con
         idle_timeout: None,
         max_request_body: None,
         trusted_proxies: Vec::new(),
+        h2: None,
     };
     let h = h.unwrap_or(&none);
     let max_request_body = match &h.max_request_body {
@@ -338,6 +354,77 @@ fn http(cx: &Ctx, key: &str, h: Option<&raw::RawHttp>) -> Result<HttpConfig, Con
         )?,
         max_request_body,
         trusted_proxies,
+        h2: h2_limits(cx, &format!("{key}.h2"), h.h2.as_ref())?,
+    })
+}
+
+fn h2_limits(cx: &Ctx, key: &str, h: Option<&S<raw::RawH2>>) -> Result<H2Limits, ConfigError> {
+    let d = DEFAULT_H2_LIMITS;
+    let Some(h) = h else { return Ok(d) };
+    let h = &h.value;
+    let streams = match &h.max_concurrent_streams {
+        None => d.max_concurrent_streams,
+        Some(v) if (1..=10_000).contains(&v.value) => v.value as u32,
+        Some(v) => {
+            return Err(cx.err(
+                format!("{key}.max_concurrent_streams"),
+                line(v),
+                format!("{} is out of range; allowed 1 to 10000", v.value),
+            ));
+        }
+    };
+    // RFC 9113 §6.9.1: windows are at most 2^31-1 octets.
+    let size = |name: &str, v: &Option<S<String>>, default: u32, min: u64, max: u64| {
+        let Some(v) = v else { return Ok(default) };
+        let k = format!("{key}.{name}");
+        let n = parse_size(&v.value).map_err(|m| cx.err(&k, line(v), m))?;
+        if !(min..=max).contains(&n) {
+            return Err(cx.err(
+                &k,
+                line(v),
+                format!("{} is out of range; allowed {min} to {max} bytes", v.value),
+            ));
+        }
+        Ok(n as u32)
+    };
+    let window_max = (1u64 << 31) - 1;
+    let keepalive_interval = match &h.keepalive_interval {
+        Some(v) if matches!(v.value.trim(), "off" | "none") => None,
+        v => Some(cx.duration(
+            &format!("{key}.keepalive_interval"),
+            v,
+            d.keepalive_interval.unwrap_or(Duration::from_secs(30)),
+        )?),
+    };
+    Ok(H2Limits {
+        max_concurrent_streams: streams,
+        initial_stream_window: size(
+            "initial_stream_window",
+            &h.initial_stream_window,
+            d.initial_stream_window,
+            1024,
+            window_max,
+        )?,
+        initial_connection_window: size(
+            "initial_connection_window",
+            &h.initial_connection_window,
+            d.initial_connection_window,
+            65_535,
+            window_max,
+        )?,
+        max_header_list_size: size(
+            "max_header_list_size",
+            &h.max_header_list_size,
+            d.max_header_list_size,
+            1024,
+            1024 * 1024,
+        )?,
+        keepalive_interval,
+        keepalive_timeout: cx.duration(
+            &format!("{key}.keepalive_timeout"),
+            &h.keepalive_timeout,
+            d.keepalive_timeout,
+        )?,
     })
 }
 
@@ -472,11 +559,72 @@ fn upstream(cx: &Ctx, name: &str, u: &S<raw::RawUpstream>) -> Result<UpstreamCon
     let r = &u.value;
     let protocol = match r.protocol.as_ref().map(|p| (p.value.trim(), line(p))) {
         None | Some(("http1", _)) => UpstreamProtocol::Http1,
+        Some(("h2c", _)) => UpstreamProtocol::H2c,
+        Some(("h2", _)) => UpstreamProtocol::H2,
         Some((other, l)) => {
             return Err(cx.err(
                 format!("{key}.protocol"),
                 l,
-                format!("unsupported protocol '{other}'; supported: http1"),
+                format!("unsupported protocol '{other}'; supported: http1, h2c, h2"),
+            ));
+        }
+    };
+    let tls = match (&r.tls, protocol) {
+        (Some(t), UpstreamProtocol::H2) => Some(UpstreamTls {
+            ca: PathBuf::from(t.value.ca.value.trim()),
+            server_name: match &t.value.server_name {
+                None => None,
+                Some(n) => Some(
+                    rustls::pki_types::ServerName::try_from(n.value.trim())
+                        .map(|_| n.value.trim().to_string())
+                        .map_err(|_| {
+                            cx.err(
+                                format!("{key}.tls.server_name"),
+                                line(n),
+                                format!("'{}' is not a valid DNS name or IP address", n.value),
+                            )
+                        })?,
+                ),
+            },
+        }),
+        (Some(t), p) => {
+            return Err(cx.err(
+                format!("{key}.tls"),
+                line(t),
+                format!(
+                    "tls is for 'protocol: h2' upstreams; this one is {}",
+                    p.name()
+                ),
+            ));
+        }
+        (None, UpstreamProtocol::H2) => {
+            return Err(cx.err(
+                format!("{key}.tls"),
+                line(u),
+                "'protocol: h2' needs tls: { ca: FILE } (use h2c for cleartext HTTP/2)",
+            ));
+        }
+        (None, _) => None,
+    };
+    let max_connections = match (&r.max_connections, protocol.is_h2()) {
+        (None, _) => DEFAULT_UPSTREAM_H2_CONNECTIONS as usize,
+        (Some(v), true) if (1..=MAX_UPSTREAM_H2_CONNECTIONS).contains(&v.value) => v.value as usize,
+        (Some(v), true) => {
+            return Err(cx.err(
+                format!("{key}.max_connections"),
+                line(v),
+                format!(
+                    "{} is out of range; allowed 1 to {MAX_UPSTREAM_H2_CONNECTIONS}",
+                    v.value
+                ),
+            ));
+        }
+        (Some(v), false) => {
+            return Err(cx.err(
+                format!("{key}.max_connections"),
+                line(v),
+                "max_connections applies to h2 and h2c upstreams (HTTP/1.1 pools open a \
+                 connection per concurrent request)",
             ));
         }
     };
@@ -510,6 +658,8 @@ fn upstream(cx: &Ctx, name: &str, u: &S<raw::RawUpstream>) -> Result<UpstreamCon
             &r.response_timeout,
             DEFAULT_RESPONSE_TIMEOUT,
         )?,
+        max_connections,
+        tls,
     })
 }
 
@@ -564,6 +714,8 @@ impl Config {
                     servers: vec![server],
                     connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                     response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+                    max_connections: DEFAULT_UPSTREAM_H2_CONNECTIONS as usize,
+                    tls: None,
                 });
                 RouteAction::Upstream(0)
             }
@@ -601,6 +753,7 @@ impl Config {
                     idle_timeout: DEFAULT_IDLE_TIMEOUT,
                     max_request_body: DEFAULT_MAX_REQUEST_BODY,
                     trusted_proxies: Vec::new(),
+                    h2: DEFAULT_H2_LIMITS,
                 },
                 routes: vec![RouteConfig {
                     host: HostMatch::Any,

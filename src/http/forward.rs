@@ -174,7 +174,7 @@ async fn forward(
             }
             strip_hop_by_hop(&mut parts.headers);
             parts.version = Version::HTTP_11;
-            Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+            Response::from_parts(parts, body)
         }
         Err(e) => upstream_failure(e, up),
     }
@@ -298,7 +298,24 @@ fn rewrite_request_headers(
     authority: Option<&str>,
     version: Version,
 ) {
+    // `TE: trailers` is the one TE value that goes on (RFC 9113 §8.2.2): gRPC backends
+    // require it, and it says the client accepts trailers, which we relay.
+    let te_trailers = h
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        });
     strip_hop_by_hop(h);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let ip = client_ip(&c.peer);
 
     let xff = match (c.trusted_peer, joined(h, "x-forwarded-for", ", ")) {
@@ -415,7 +432,7 @@ mod tests {
             HeaderValue::from_static("keep-alive, x-secret"),
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("te", HeaderValue::from_static("gzip"));
         rewrite_request_headers(
             &mut h,
             &ctx("192.0.2.1:5000", false),
@@ -454,6 +471,14 @@ mod tests {
             Version::HTTP_11,
         );
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
+    }
+
+    #[test]
+    fn te_trailers_alone_goes_on() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip, Trailers;q=1"));
+        rewrite_request_headers(&mut h, &ctx("192.0.2.1:1", false), None, Version::HTTP_2);
+        assert_eq!(h.get_all("te").iter().collect::<Vec<_>>(), ["trailers"]);
     }
 
     #[test]

@@ -25,9 +25,6 @@ use tokio::time::Instant;
 /// How long an idle connection we are closing gracefully may take to finish.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
-/// HTTP/2 concurrent streams per connection (Envoy's edge guidance uses 100).
-const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
-
 /// Everything a listener's connections share for HTTP.
 pub struct ListenerHttp {
     pub router: Router,
@@ -79,10 +76,18 @@ pub async fn serve_connection(
     // No hyper timer on HTTP/1.1: its header_read_timeout would also run while a keep-alive
     // connection is idle. Ours (`Activity`) starts at the first byte of a request.
     builder.http1().keep_alive(true);
+    let h2_limits = &l.cfg.h2;
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(h2_limits.max_concurrent_streams)
+        .initial_stream_window_size(h2_limits.initial_stream_window)
+        .initial_connection_window_size(h2_limits.initial_connection_window)
+        .max_header_list_size(h2_limits.max_header_list_size)
+        .keep_alive_interval(h2_limits.keepalive_interval)
+        .keep_alive_timeout(h2_limits.keepalive_timeout)
+        // RFC 8441: WebSocket over HTTP/2 arrives as an extended CONNECT.
+        .enable_connect_protocol();
     let builder = if h2 {
         builder.http2_only()
     } else {

@@ -1,0 +1,515 @@
+//! Backends: per server, pooled keep-alive HTTP/1.1 connections (`h1`) or multiplexed HTTP/2
+//! connections (`h2`, cleartext or TLS); round-robin balancing; passive health (servers
+//! that keep failing to connect are ejected for a while); one retry on another server.
+//! Called by `http::forward`; the last stage before the backend.
+//!
+//! Pools of our own (over hyper's `client::conn`) rather than hyper-util's legacy client:
+//! choosing the server before the request is handed over lets a refused connect move on to
+//! the next server without losing a streamed request body, and HTTP/2 streams can spread
+//! over several connections when one is at the server's stream limit.
+
+mod connect;
+mod h1;
+mod h2;
+mod health;
+mod sent;
+
+pub use connect::UpstreamSetupError;
+
+use crate::body::{BoxError, ProxyBody};
+use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{RetryReason, UpstreamErrorKind, UpstreamMetrics};
+use bytes::Bytes;
+use connect::{BackendIo, BackendTls, ConnectFailure};
+use health::Health;
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Method, Uri, Version, header};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::TrySendError;
+use hyper::{Request, Response};
+use rustls::pki_types::ServerName;
+use sent::SentSignal;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Why a request could not be sent to the backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// Every server refused the connection or failed to connect (answered 502).
+    #[error("upstream '{upstream}': no server accepted a connection (last: {server}: {source})")]
+    Connect {
+        upstream: String,
+        server: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No response headers within `response_timeout` (answered 504).
+    #[error("upstream '{upstream}': no response from {server} within {timeout:?}")]
+    ResponseTimeout {
+        upstream: String,
+        server: String,
+        timeout: Duration,
+    },
+    /// The connection failed after it was made: reset, refused stream, malformed response
+    /// (answered 502).
+    #[error("upstream '{upstream}': request to {server} failed: {source}")]
+    Protocol {
+        upstream: String,
+        server: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The client's request body failed while it was being sent (aborted, too large,
+    /// stalled): not the backend's fault, and not counted as an upstream error.
+    #[error("upstream '{upstream}': the client's request body failed: {source}")]
+    ClientBody {
+        upstream: String,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+struct Server {
+    addr: String,
+    /// The TLS name to verify (`h2` upstreams only).
+    tls_name: Option<ServerName<'static>>,
+    health: Health,
+    h1: Arc<h1::Pool>,
+    h2: h2::Pool,
+}
+
+/// One configured upstream: its servers, their pools and its metrics.
+pub struct Upstream {
+    name: String,
+    protocol: UpstreamProtocol,
+    /// `http` for h2c, `https` for h2: the `:scheme` sent to HTTP/2 backends.
+    scheme: Scheme,
+    servers: Vec<Arc<Server>>,
+    next: AtomicUsize,
+    tls: Option<BackendTls>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    metrics: UpstreamMetrics,
+    /// A down backend must not flood the log: at most 10 lines per 10 s per upstream.
+    pub log: LogLimiter,
+}
+
+/// How one attempt on one server ended, short of a response.
+enum Attempt {
+    /// No connection to the server: nothing was sent; the request comes back.
+    NoConnection(Request<ProxyBody>, ConnectFailure),
+    /// Another request's connection attempt to this server failed while we waited.
+    NoConnectionMeanwhile(Request<ProxyBody>),
+    /// The backend failed before answering (reset, refused stream, closed connection).
+    Unanswered(BoxError),
+    /// Final: the client's body failed, or the response timed out.
+    Final(UpstreamError),
+}
+
+impl Upstream {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        metrics: UpstreamMetrics,
+    ) -> Result<Upstream, UpstreamSetupError> {
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(|t| BackendTls::new(&cfg.name, t))
+            .transpose()?;
+        let servers = cfg
+            .servers
+            .iter()
+            .map(|addr| {
+                let tls_name = tls
+                    .as_ref()
+                    .map(|t| t.name_for(&cfg.name, addr))
+                    .transpose()?;
+                Ok(Arc::new(Server {
+                    addr: addr.clone(),
+                    tls_name,
+                    health: Health::default(),
+                    h1: Arc::new(h1::Pool::default()),
+                    h2: h2::Pool::new(cfg.max_connections),
+                }))
+            })
+            .collect::<Result<_, UpstreamSetupError>>()?;
+        Ok(Upstream {
+            name: cfg.name.clone(),
+            protocol: cfg.protocol,
+            scheme: if tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
+            servers,
+            next: AtomicUsize::new(0),
+            tls,
+            connect_timeout: cfg.connect_timeout,
+            response_timeout: cfg.response_timeout,
+            metrics,
+            log: LogLimiter::new(Duration::from_secs(10), 10),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// HTTP/2 connections open to each server, in config order (for tests and logs).
+    pub fn h2_connections(&self) -> Vec<usize> {
+        self.servers.iter().map(|s| s.h2.open()).collect()
+    }
+
+    /// Servers in the order to try for one request: round-robin start, then healthy servers
+    /// before recently failed ones before ejected ones (which are still tried last: better a
+    /// late success than a certain 502).
+    fn order(&self) -> Vec<Arc<Server>> {
+        let n = self.servers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<_> = (0..n)
+            .map(|i| self.servers[(start + i) % n].clone())
+            .collect();
+        if n > 1 {
+            let now = Instant::now();
+            order.sort_by_key(|s| s.health.penalty(now));
+        }
+        order
+    }
+
+    async fn connect(&self, server: &Server) -> Result<BackendIo, ConnectFailure> {
+        let tls = match (&self.tls, &server.tls_name) {
+            (Some(t), Some(name)) => Some((t, name)),
+            _ => None,
+        };
+        connect::connect(&server.addr, self.connect_timeout, tls).await
+    }
+
+    /// Send `req` (origin-form URI, headers already rewritten, Host set) and wait for the
+    /// response headers. `response_timeout` runs from the moment the request body has been
+    /// sent in full, so a long upload is not cut off by it.
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let req = if self.protocol.is_h2() {
+            self.to_h2(req)
+        } else {
+            req
+        };
+        // A bodyless idempotent request can be sent again if a backend fails to answer it.
+        let replay = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
+            (
+                req.method().clone(),
+                req.uri().clone(),
+                req.version(),
+                req.headers().clone(),
+            )
+        });
+        let (mut req, mut body_sent) = with_sent_signal(req);
+        let mut retried = false;
+        let mut last_connect: Option<(String, std::io::Error)> = None;
+        for server in self.order() {
+            let attempt = if self.protocol.is_h2() {
+                self.send_h2(&server, req, &body_sent).await
+            } else {
+                self.send_h1(&server, req, &body_sent).await
+            };
+            match attempt {
+                Ok(resp) => {
+                    server.health.connected();
+                    return Ok(resp);
+                }
+                Err(Attempt::NoConnection(r, (kind, e))) => {
+                    self.metrics.error(kind);
+                    if server.health.connect_failed(Instant::now()) {
+                        self.metrics.ejected();
+                        tracing::warn!(upstream = %self.name, server = %server.addr, cool_down = ?health::EJECT_FOR, "server ejected after {} connect failures in a row", health::EJECT_AFTER);
+                    }
+                    if let Some(suppressed) = self.log.allow() {
+                        tracing::warn!(upstream = %self.name, server = %server.addr, error = %e, suppressed_since_last = suppressed, "backend connect failed; trying the next server");
+                    }
+                    self.metrics.retry(RetryReason::Connect);
+                    last_connect = Some((server.addr.clone(), e));
+                    req = r;
+                }
+                Err(Attempt::NoConnectionMeanwhile(r)) => {
+                    last_connect.get_or_insert_with(|| {
+                        (
+                            server.addr.clone(),
+                            std::io::Error::other("a connection attempt to this server failed"),
+                        )
+                    });
+                    req = r;
+                }
+                Err(Attempt::Unanswered(source)) => {
+                    self.metrics.error(UpstreamErrorKind::Protocol);
+                    match &replay {
+                        Some((method, uri, version, headers)) if !retried => {
+                            retried = true;
+                            self.metrics.retry(RetryReason::Unanswered);
+                            tracing::debug!(upstream = %self.name, server = %server.addr, error = %source, "backend did not answer; retrying the idempotent request on another server");
+                            (req, body_sent) =
+                                with_sent_signal(rebuild(method, uri, *version, headers));
+                        }
+                        _ => {
+                            return Err(UpstreamError::Protocol {
+                                upstream: self.name.clone(),
+                                server: server.addr.clone(),
+                                source,
+                            });
+                        }
+                    }
+                }
+                Err(Attempt::Final(e)) => return Err(e),
+            }
+        }
+        let (server, source) =
+            last_connect.unwrap_or_else(|| (String::new(), std::io::Error::other("no servers")));
+        Err(UpstreamError::Connect {
+            upstream: self.name.clone(),
+            server,
+            source,
+        })
+    }
+
+    async fn send_h1(
+        &self,
+        server: &Server,
+        mut req: Request<ProxyBody>,
+        body_sent: &watch::Receiver<bool>,
+    ) -> Result<Response<ProxyBody>, Attempt> {
+        // A reused connection may have been closed by the backend just now; hyper then hands
+        // the unsent request back and we try a fresh connection.
+        let mut reused = server.h1.take_idle();
+        loop {
+            let fresh = reused.is_none();
+            let mut conn = match reused.take() {
+                Some(c) => c,
+                None => {
+                    let io = match self.connect(server).await {
+                        Ok(io) => io,
+                        Err(f) => return Err(Attempt::NoConnection(req, f)),
+                    };
+                    match h1::handshake(io, &server.addr, &self.metrics).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let f = (UpstreamErrorKind::Protocol, std::io::Error::other(e));
+                            return Err(Attempt::NoConnection(req, f));
+                        }
+                    }
+                }
+            };
+            let started = Instant::now();
+            match self
+                .exchange(conn.sender.try_send_request(req), body_sent, server)
+                .await
+            {
+                Ok(resp) => {
+                    self.metrics.observe(started.elapsed().as_secs_f64());
+                    // Back to the pool once the response body has been read to the end.
+                    server.h1.give_back(conn);
+                    return Ok(resp.map(|b| b.map_err(BoxError::from).boxed()));
+                }
+                Err(Exchange::Unsent(r)) if !fresh => req = r,
+                Err(Exchange::Unsent(_)) => {
+                    return Err(Attempt::Unanswered(closed_error()));
+                }
+                Err(Exchange::Failed(a)) => return Err(a),
+            }
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        server: &Server,
+        mut req: Request<ProxyBody>,
+        body_sent: &watch::Receiver<bool>,
+    ) -> Result<Response<ProxyBody>, Attempt> {
+        // A connection can end (GOAWAY) between lease and send; hyper hands the request back
+        // and we lease again, a few times at most.
+        for _ in 0..3 {
+            let leased = server
+                .h2
+                .lease(|| async {
+                    let io = self.connect(server).await?;
+                    h2::handshake(io, &server.addr, self.connect_timeout, &self.metrics).await
+                })
+                .await;
+            let lease = match leased {
+                Ok(l) => l,
+                Err(h2::LeaseError::Connect(f)) => return Err(Attempt::NoConnection(req, f)),
+                Err(h2::LeaseError::FailedMeanwhile) => {
+                    return Err(Attempt::NoConnectionMeanwhile(req));
+                }
+            };
+            let started = Instant::now();
+            let mut sender = lease.sender();
+            match self
+                .exchange(sender.try_send_request(req), body_sent, server)
+                .await
+            {
+                Ok(resp) => {
+                    self.metrics.observe(started.elapsed().as_secs_f64());
+                    return Ok(resp.map(|body| {
+                        LeasedBody {
+                            body,
+                            _lease: lease,
+                        }
+                        .boxed()
+                    }));
+                }
+                Err(Exchange::Unsent(r)) => {
+                    lease.mark_ended();
+                    req = r;
+                }
+                Err(Exchange::Failed(a)) => return Err(a),
+            }
+        }
+        Err(Attempt::Unanswered(closed_error()))
+    }
+
+    /// Wait for the response to a request handed to hyper, bounded by `response_timeout`
+    /// once the request body has been sent.
+    async fn exchange(
+        &self,
+        send: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>>,
+        body_sent: &watch::Receiver<bool>,
+        server: &Server,
+    ) -> Result<Response<Incoming>, Exchange> {
+        let deadline = async {
+            // Err: the body is gone (failed or dropped); the timer starts anyway.
+            let _ = body_sent.clone().wait_for(|sent| *sent).await;
+            tokio::time::sleep(self.response_timeout).await;
+        };
+        let sent = tokio::select! {
+            r = send => r,
+            _ = deadline => {
+                self.metrics.error(UpstreamErrorKind::ResponseTimeout);
+                return Err(Exchange::Failed(Attempt::Final(UpstreamError::ResponseTimeout {
+                    upstream: self.name.clone(),
+                    server: server.addr.clone(),
+                    timeout: self.response_timeout,
+                })));
+            }
+        };
+        match sent {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => Err(Exchange::Unsent(unsent)),
+                None => {
+                    let source = e.into_error();
+                    // A user error is ours to send: here, the client's body failing.
+                    if source.is_user() {
+                        return Err(Exchange::Failed(Attempt::Final(
+                            UpstreamError::ClientBody {
+                                upstream: self.name.clone(),
+                                source,
+                            },
+                        )));
+                    }
+                    Err(Exchange::Failed(Attempt::Unanswered(source.into())))
+                }
+            },
+        }
+    }
+
+    /// HTTP/2 to the backend: the authority moves from Host into the URI (`:authority`),
+    /// with the scheme of the backend connection.
+    fn to_h2(&self, req: Request<ProxyBody>) -> Request<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .headers
+            .remove(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| Authority::try_from(self.name.as_str()).ok());
+        let mut uri = Uri::builder().scheme(self.scheme.clone());
+        if let Some(a) = authority {
+            uri = uri.authority(a);
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        if let Ok(u) = uri.path_and_query(pq).build() {
+            parts.uri = u;
+        }
+        parts.version = Version::HTTP_2;
+        Request::from_parts(parts, body)
+    }
+}
+
+enum Exchange {
+    /// hyper did not send the request (the connection was closed): it comes back.
+    Unsent(Request<ProxyBody>),
+    Failed(Attempt),
+}
+
+fn closed_error() -> BoxError {
+    "the backend connection closed before the request was sent".into()
+}
+
+fn with_sent_signal(req: Request<ProxyBody>) -> (Request<ProxyBody>, watch::Receiver<bool>) {
+    let (tx, rx) = watch::channel(false);
+    (req.map(|b| SentSignal::new(b, tx).boxed()), rx)
+}
+
+fn rebuild(
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    headers: &HeaderMap,
+) -> Request<ProxyBody> {
+    let mut req = Request::new(crate::body::empty());
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri.clone();
+    *req.version_mut() = version;
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from an HTTP/2 backend, holding its stream's slot on the connection
+    /// until it is dropped.
+    struct LeasedBody {
+        #[pin]
+        body: Incoming,
+        _lease: h2::Lease,
+    }
+}
+
+impl Body for LeasedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().body.poll_frame(cx).map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
