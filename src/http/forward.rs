@@ -7,6 +7,7 @@ use super::route::{host_of, target_authority};
 use super::server::ListenerHttp;
 use crate::body::{BoxError, ProxyBody, full};
 use crate::config::RouteAction;
+use crate::metrics::GaugeGuard;
 use crate::tls::TlsInfo;
 use crate::upstream::{Upstream, UpstreamError};
 use bytes::Bytes;
@@ -58,7 +59,10 @@ pub async fn handle(
     l: &ListenerHttp,
     c: &ConnContext,
 ) -> Response<ProxyBody> {
-    let guard = c.activity.begin();
+    let guard = (
+        c.activity.begin(),
+        (req.version() == Version::HTTP_2).then(|| l.metrics.h2_stream()),
+    );
     let version = version_label(req.version());
     let authority = match target_authority(&req) {
         Ok(a) => a,
@@ -383,7 +387,7 @@ pin_project_lite::pin_project! {
     struct GuardedBody {
         #[pin]
         inner: ProxyBody,
-        _guard: RequestGuard,
+        _guard: (RequestGuard, Option<GaugeGuard>),
     }
 }
 

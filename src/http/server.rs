@@ -117,12 +117,20 @@ pub async fn serve_connection(
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    if let Some(reason) = goaway_we_sent(e.as_ref()) {
+                        l.metrics.goaway_sent(reason);
+                        tracing::debug!(%peer, reason, error = %e, "HTTP/2 connection closed with GOAWAY");
+                    } else {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
                 }
                 break;
             }
             _ = shutdown.changed(), if !closing => {
                 closing = true;
+                if h2 {
+                    l.metrics.goaway_sent("shutdown");
+                }
                 conn.as_mut().graceful_shutdown();
             }
             _ = activity.changed(), if !closing => {}
@@ -145,6 +153,9 @@ pub async fn serve_connection(
                         break;
                     }
                     Deadline::IdleBy(t) if now >= t => {
+                        if h2 {
+                            l.metrics.goaway_sent("idle");
+                        }
                         closing = true;
                         close_by = Some(now + IDLE_CLOSE_GRACE.min(l.cfg.idle_timeout));
                         conn.as_mut().graceful_shutdown();
@@ -159,6 +170,26 @@ pub async fn serve_connection(
     if let Ok(tls) = returned.await {
         close_lingering(tls).await;
     }
+}
+
+/// The GOAWAY error code we sent when h2 closed the connection on its own (flood
+/// protections, protocol errors), as a `GOAWAY_REASONS` label.
+fn goaway_we_sent(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            if !h2e.is_go_away() || h2e.is_remote() {
+                return None;
+            }
+            let code = u32::from(h2e.reason()?);
+            return crate::metrics::GOAWAY_REASONS
+                .get(usize::try_from(code).ok()?)
+                .filter(|_| code <= 0xd)
+                .copied();
+        }
+        cur = err.source();
+    }
+    None
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -4,7 +4,7 @@
 //! the least busy connection and wait in h2 for a free slot.
 //!
 //! hyper's `SendRequest` does not expose the announced limit (its `Connection` does), so the
-//! task driving each connection copies it out after every poll.
+//! task holding each connection copies it out whenever the server's settings are applied.
 
 use super::connect::{BackendIo, ConnectFailure};
 use crate::body::ProxyBody;
@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// Flow-control window per backend stream: how much of one response we take from the
 /// backend ahead of a slow client. Bounds memory per stream.
@@ -166,20 +166,18 @@ impl Pool {
 }
 
 /// HTTP/2 handshake on a fresh connection. Returns once the server's SETTINGS have been
-/// read (its stream limit is then known), within `timeout`.
+/// applied (its stream limit is then known), within `timeout`.
 pub async fn handshake(
     io: BackendIo,
     server: &str,
     timeout: Duration,
     metrics: &UpstreamMetrics,
 ) -> Result<Conn, ConnectFailure> {
-    let (settings_tx, mut settings_rx) = watch::channel(false);
-    let first_frame = Arc::new(AtomicBool::new(false));
-    let io = FirstFrameIo {
+    let settings_applied = Arc::new(Notify::new());
+    let io = SettingsAckIo {
         inner: io,
-        seen: 0,
-        header: [0; 3],
-        read: first_frame.clone(),
+        out: OutgoingFrames::default(),
+        acked: settings_applied.clone(),
     };
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -191,32 +189,44 @@ pub async fn handshake(
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| (UpstreamErrorKind::Protocol, io::Error::other(e)))?;
-    let max_streams = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
+    let max_streams = Arc::new(AtomicUsize::new(0));
     let ended = Arc::new(AtomicBool::new(false));
+    let (settled_tx, mut settled) = watch::channel(false);
     let open = metrics.connection_opened();
     let addr = server.to_string();
     let (max, done) = (max_streams.clone(), ended.clone());
+    // hyper drives the h2 connection in a task of its own; this one routes requests into it
+    // and, each time the server's settings have been applied, copies the stream limit out.
     tokio::spawn(async move {
         let _open = open;
         let mut conn = Box::pin(conn);
-        let r = poll_fn(|cx: &mut Context<'_>| {
-            let r = conn.as_mut().poll(cx);
-            max.store(conn.current_max_send_streams(), Ordering::Release);
-            // h2 processes every frame it has read before its poll returns, so once the
-            // first frame was read it has been applied.
-            if !*settings_tx.borrow() && first_frame.load(Ordering::Acquire) {
-                let _ = settings_tx.send(true);
+        let r = loop {
+            let applied = settings_applied.notified();
+            tokio::pin!(applied);
+            let polled = poll_fn(|cx: &mut Context<'_>| {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                match applied.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match polled {
+                Some(r) => break r,
+                None => {
+                    max.store(conn.current_max_send_streams(), Ordering::Release);
+                    settled_tx.send_replace(true);
+                }
             }
-            r
-        })
-        .await;
+        };
         done.store(true, Ordering::Release);
         if let Err(e) = r {
             tracing::debug!(server = %addr, error = %e, "backend HTTP/2 connection ended with an error");
         }
     });
-    // The server's first frame must be SETTINGS (RFC 9113 §3.4).
-    let settled = tokio::time::timeout(timeout, settings_rx.wait_for(|read| *read)).await;
+    let settled = tokio::time::timeout(timeout, settled.wait_for(|s| *s)).await;
     if !matches!(settled, Ok(Ok(_))) {
         ended.store(true, Ordering::Release);
         return Err((
@@ -232,53 +242,100 @@ pub async fn handshake(
     })
 }
 
-/// Watches the first bytes from the server and notes once its first frame (SETTINGS) has
-/// been read in full.
-struct FirstFrameIo {
+/// Follows the frames we send and signals each SETTINGS acknowledgement: h2 applies the
+/// server's settings right after queueing the ACK and before writing it (h2 0.4
+/// `proto/settings.rs`), so once the ACK is written the new stream limit is in effect.
+struct SettingsAckIo {
     inner: BackendIo,
-    /// Bytes of the first frame seen so far.
-    seen: usize,
-    /// The frame's 24-bit length field.
-    header: [u8; 3],
-    read: Arc<AtomicBool>,
+    out: OutgoingFrames,
+    acked: Arc<Notify>,
 }
 
-impl AsyncRead for FirstFrameIo {
+/// A parser for our own outgoing byte stream: the 24-byte client preface, then frames.
+#[derive(Default)]
+struct OutgoingFrames {
+    preface_left: usize,
+    started: bool,
+    header: [u8; 9],
+    header_len: usize,
+    payload_left: usize,
+}
+
+impl OutgoingFrames {
+    /// Feed written bytes; true when they completed a SETTINGS frame with the ACK flag.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        if !self.started {
+            self.started = true;
+            self.preface_left = 24;
+        }
+        let mut ack = false;
+        while !bytes.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(bytes.len());
+                self.preface_left -= n;
+                bytes = &bytes[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+            } else {
+                let n = (9 - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header_len == 9 {
+                    let h = self.header;
+                    self.payload_left =
+                        usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                    // Type 0x4 SETTINGS with flag 0x1 ACK.
+                    ack |= h[3] == 0x4 && h[4] & 0x1 != 0;
+                    self.header_len = 0;
+                }
+            }
+        }
+        ack
+    }
+}
+
+impl SettingsAckIo {
+    fn wrote(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let mut ack = false;
+        for b in bufs {
+            if n == 0 {
+                break;
+            }
+            let take = n.min(b.len());
+            ack |= self.out.feed(&b[..take]);
+            n -= take;
+        }
+        if ack {
+            self.acked.notify_one();
+        }
+    }
+}
+
+impl AsyncRead for SettingsAckIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.read.load(Ordering::Relaxed) {
-            return r;
-        }
-        for &b in &buf.filled()[before..] {
-            if this.seen < 3 {
-                this.header[this.seen] = b;
-            }
-            this.seen += 1;
-        }
-        if this.seen >= 3 {
-            let [a, b, c] = this.header;
-            let len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
-            if this.seen >= 9 + len {
-                this.read.store(true, Ordering::Release);
-            }
-        }
-        r
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for FirstFrameIo {
+impl AsyncWrite for SettingsAckIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.wrote(&[io::IoSlice::new(buf)], n);
+        }
+        r
     }
 
     fn poll_write_vectored(
@@ -286,7 +343,12 @@ impl AsyncWrite for FirstFrameIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.wrote(bufs, n);
+        }
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -299,5 +361,32 @@ impl AsyncWrite for FirstFrameIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OutgoingFrames;
+
+    #[test]
+    fn finds_settings_ack_across_split_writes() {
+        let mut out = Vec::new();
+        out.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        // SETTINGS (6 bytes of payload), WINDOW_UPDATE, then SETTINGS ACK.
+        out.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100]);
+        out.extend_from_slice(&[0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let ack_at = out.len();
+        out.extend_from_slice(&[0, 0, 0, 4, 1, 0, 0, 0, 0]);
+        let mut f = OutgoingFrames::default();
+        assert!(
+            !f.feed(&out[..ack_at + 4]),
+            "no ACK before its header is complete"
+        );
+        assert!(f.feed(&out[ack_at + 4..]));
+        let mut g = OutgoingFrames::default();
+        assert!(
+            !out[..ack_at].chunks(1).any(|c| g.feed(c)),
+            "SETTINGS without ACK"
+        );
     }
 }

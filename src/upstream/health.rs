@@ -1,21 +1,17 @@
 //! Passive health of one backend server, fed by `upstream`'s connection attempts: after
-//! `EJECT_AFTER` connect failures in a row the server is ejected for `EJECT_FOR` (tried only
-//! after every other server); a failure in the last `FAILED_BACKOFF` also moves it back.
-//! Atomics, not a lock: the order of servers is computed on every request.
+//! `EJECT_AFTER` connect failures in a row the server is ejected for `EJECT_FOR`: tried only
+//! after every other server. Atomics, not a lock: the order of servers is computed on every
+//! request.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const EJECT_AFTER: u32 = 3;
 pub const EJECT_FOR: Duration = Duration::from_secs(10);
-/// After a failed connect, a server is tried after healthy ones for this long.
-const FAILED_BACKOFF: Duration = Duration::from_secs(2);
 
 pub struct Health {
     epoch: Instant,
     failures_in_a_row: AtomicU32,
-    /// Milliseconds since `epoch` + 1 of the last failure; 0 = none.
-    failed_at_ms: AtomicU64,
     /// Milliseconds since `epoch` until which the server is ejected; 0 = not ejected.
     ejected_until_ms: AtomicU64,
 }
@@ -25,7 +21,6 @@ impl Default for Health {
         Health {
             epoch: Instant::now(),
             failures_in_a_row: AtomicU32::new(0),
-            failed_at_ms: AtomicU64::new(0),
             ejected_until_ms: AtomicU64::new(0),
         }
     }
@@ -36,30 +31,20 @@ impl Health {
         u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// 0 healthy, 1 failed recently, 2 ejected: servers are tried in this order.
-    pub fn penalty(&self, now: Instant) -> u8 {
-        let now_ms = self.ms(now);
-        if now_ms < self.ejected_until_ms.load(Ordering::Acquire) {
-            return 2;
-        }
-        let failed = self.failed_at_ms.load(Ordering::Acquire);
-        if failed != 0 && now_ms < failed - 1 + FAILED_BACKOFF.as_millis() as u64 {
-            return 1;
-        }
-        0
+    /// Ejected servers are tried after the others.
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.ms(now) < self.ejected_until_ms.load(Ordering::Acquire)
     }
 
     pub fn connected(&self) {
         if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
             self.failures_in_a_row.store(0, Ordering::Release);
-            self.failed_at_ms.store(0, Ordering::Release);
         }
     }
 
     /// Record a failed connect; true when this failure ejects the server.
     pub fn connect_failed(&self, now: Instant) -> bool {
         let now_ms = self.ms(now);
-        self.failed_at_ms.store(now_ms + 1, Ordering::Release);
         let n = self.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
         let ejected = now_ms < self.ejected_until_ms.load(Ordering::Acquire);
         if n >= EJECT_AFTER && !ejected {
@@ -79,14 +64,14 @@ mod tests {
     fn ejects_after_failures_in_a_row_and_recovers() {
         let h = Health::default();
         let t0 = Instant::now();
-        assert_eq!(h.penalty(t0), 0);
+        assert!(!h.ejected(t0));
         assert!(!h.connect_failed(t0));
-        assert_eq!(h.penalty(t0), 1);
         assert!(!h.connect_failed(t0));
+        assert!(!h.ejected(t0));
         assert!(h.connect_failed(t0), "third failure in a row ejects");
-        assert_eq!(h.penalty(t0), 2);
+        assert!(h.ejected(t0));
         assert!(!h.connect_failed(t0), "already ejected: not counted again");
-        assert_eq!(h.penalty(t0 + EJECT_FOR + FAILED_BACKOFF), 0);
+        assert!(!h.ejected(t0 + EJECT_FOR));
         // Back after the cool-down; the next failure ejects again at once.
         assert!(h.connect_failed(t0 + EJECT_FOR));
         h.connected();

@@ -168,9 +168,8 @@ impl Upstream {
         self.servers.iter().map(|s| s.h2.open()).collect()
     }
 
-    /// Servers in the order to try for one request: round-robin start, then healthy servers
-    /// before recently failed ones before ejected ones (which are still tried last: better a
-    /// late success than a certain 502).
+    /// Servers in the order to try for one request: round-robin start, ejected servers last
+    /// (still tried: better a late success than a certain 502).
     fn order(&self) -> Vec<Arc<Server>> {
         let n = self.servers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +178,7 @@ impl Upstream {
             .collect();
         if n > 1 {
             let now = Instant::now();
-            order.sort_by_key(|s| s.health.penalty(now));
+            order.sort_by_key(|s| s.health.ejected(now));
         }
         order
     }

@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+pub mod h2_backend;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
@@ -417,7 +419,7 @@ pub async fn start_backend() -> SocketAddr {
     addr
 }
 
-async fn backend_handler(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+pub async fn backend_handler(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
     let resp = if path == "/headers" {
         let mut out = String::new();
