@@ -5,6 +5,7 @@
 use super::activity::{Activity, RequestGuard};
 use super::route::{host_of, target_authority};
 use super::server::ListenerHttp;
+use super::upgrade;
 use crate::body::{BoxError, ProxyBody, full};
 use crate::config::RouteAction;
 use crate::metrics::GaugeGuard;
@@ -64,6 +65,19 @@ pub async fn handle(
         (req.version() == Version::HTTP_2).then(|| l.metrics.h2_stream()),
     );
     let version = version_label(req.version());
+    // CONNECT tunnels are not proxied (the backend could be made an open relay); only the
+    // extended CONNECT that carries a WebSocket is.
+    if req.method() == http::Method::CONNECT && upgrade::requested(&req).is_none() {
+        let resp = simple(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        l.metrics.http_request(version, resp.status().as_u16());
+        return resp.map(|b| {
+            GuardedBody {
+                inner: b,
+                _guard: guard,
+            }
+            .boxed()
+        });
+    }
     let authority = match target_authority(&req) {
         Ok(a) => a,
         Err(why) => {
@@ -120,7 +134,7 @@ fn tls_summary(tls: &TlsInfo, http_version: &str) -> String {
     )
 }
 
-fn simple(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
+pub(super) fn simple(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(text));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -146,17 +160,21 @@ async fn forward(
     if declared.is_some_and(|n| n > limit) {
         return simple(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
+    let upgrade_kind = upgrade::requested(&req);
+    if upgrade_kind.is_some() && !upgrade::supported_by(up) {
+        return simple(
+            StatusCode::BAD_GATEWAY,
+            "WebSocket needs an http1 upstream\n",
+        );
+    }
     let (mut parts, body) = req.into_parts();
     let authority = authority.map(|a| a.as_str().to_string());
     let client_version = parts.version;
     rewrite_request_headers(&mut parts.headers, c, authority.as_deref(), client_version);
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .parse()
-        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    if let Some(kind) = upgrade_kind {
+        return forward_upgrade(kind, parts, authority.is_none(), up, l, c).await;
+    }
+    parts.uri = origin_form(&parts.uri);
     // Always HTTP/1.1 to the backend, so the pooled connection stays open (an HTTP/1.0
     // request would close it after every response). A request without any host (HTTP/1.0
     // without Host) gets the upstream's name, as nginx sends its `$proxy_host`.
@@ -182,6 +200,52 @@ async fn forward(
         }
         Err(e) => upstream_failure(e, up),
     }
+}
+
+/// A WebSocket upgrade: no request body goes to the backend; on 101 the relay starts.
+async fn forward_upgrade(
+    kind: upgrade::Kind,
+    mut parts: http::request::Parts,
+    no_authority: bool,
+    up: &Upstream,
+    l: &ListenerHttp,
+    c: &ConnContext,
+) -> Response<ProxyBody> {
+    let Some(client_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return simple(StatusCode::BAD_REQUEST, "upgrade not possible here\n");
+    };
+    parts.uri = origin_form(&parts.uri);
+    if no_authority && let Ok(v) = HeaderValue::from_str(up.name()) {
+        parts.headers.insert(header::HOST, v);
+    }
+    upgrade::backend_request(kind, &mut parts);
+    match up
+        .send(Request::from_parts(parts, crate::body::empty()))
+        .await
+    {
+        Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => upgrade::switched(
+            kind,
+            client_upgrade,
+            resp,
+            c.activity.clone(),
+            l.cfg.idle_timeout,
+        ),
+        // Refused (401, 403, 426…): the backend's answer goes back as it is.
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body)
+        }
+        Err(e) => upstream_failure(e, up),
+    }
+}
+
+fn origin_form(uri: &http::Uri) -> http::Uri {
+    uri.path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("/"))
 }
 
 fn upstream_failure(e: UpstreamError, up: &Upstream) -> Response<ProxyBody> {

@@ -17,16 +17,26 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per server; extra ones are closed.
 const MAX_IDLE: usize = 256;
 
-/// A live HTTP/1.1 connection: the send half plus the task driving it (aborted on drop).
+/// A live HTTP/1.1 connection: the send half plus the task driving it (aborted on drop,
+/// unless detached).
 pub struct Conn {
     pub sender: http1::SendRequest<ProxyBody>,
-    driver: JoinHandle<()>,
+    driver: Option<JoinHandle<()>>,
     idle_since: Instant,
+}
+
+impl Conn {
+    /// Let the driver run on its own: it hands the connection to a protocol upgrade.
+    pub fn detach(mut self) {
+        self.driver = None;
+    }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.driver.abort();
+        if let Some(d) = &self.driver {
+            d.abort();
+        }
     }
 }
 
@@ -79,7 +89,7 @@ pub async fn handshake(
     });
     Ok(Conn {
         sender,
-        driver,
+        driver: Some(driver),
         idle_since: Instant::now(),
     })
 }

@@ -163,6 +163,10 @@ impl Upstream {
         &self.name
     }
 
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
+    }
+
     /// HTTP/2 connections open to each server, in config order (for tests and logs).
     pub fn h2_connections(&self) -> Vec<usize> {
         self.servers.iter().map(|s| s.h2.open()).collect()
@@ -313,8 +317,13 @@ impl Upstream {
             {
                 Ok(resp) => {
                     self.metrics.observe(started.elapsed().as_secs_f64());
-                    // Back to the pool once the response body has been read to the end.
-                    server.h1.give_back(conn);
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        // The connection now belongs to the upgrade (a WebSocket relay).
+                        conn.detach();
+                    } else {
+                        // Back to the pool once the response body has been read to the end.
+                        server.h1.give_back(conn);
+                    }
                     return Ok(resp.map(|b| b.map_err(BoxError::from).boxed()));
                 }
                 Err(Exchange::Unsent(r)) if !fresh => req = r,

@@ -1,0 +1,207 @@
+//! WebSocket through the proxy: an HTTP/1.1 `Upgrade: websocket` request, or an HTTP/2
+//! extended CONNECT with `:protocol websocket` (RFC 8441), becomes an HTTP/1.1 upgrade to the
+//! backend; once both sides have switched, bytes are relayed both ways over the client's
+//! (rekeying) TLS stream. Called by `forward` for upgrade requests; uses `upstream`.
+
+use super::activity::Activity;
+use crate::body::{ProxyBody, empty};
+use crate::upstream::Upstream;
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// What kind of upgrade a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// HTTP/1.1 `Connection: upgrade` + `Upgrade: websocket`.
+    Http1,
+    /// HTTP/2 CONNECT with `:protocol websocket`.
+    ExtendedConnect,
+}
+
+/// The WebSocket upgrade `req` asks for, if any. Other upgrade tokens (h2c, TLS) are not
+/// relayed: their headers are hop-by-hop and dropped like any other.
+pub fn requested<B>(req: &Request<B>) -> Option<Kind> {
+    if req.version() == Version::HTTP_2 {
+        let proto = req.extensions().get::<hyper::ext::Protocol>()?;
+        return (req.method() == Method::CONNECT
+            && proto.as_str().eq_ignore_ascii_case("websocket"))
+        .then_some(Kind::ExtendedConnect);
+    }
+    let has_token = |name: header::HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    (req.method() == Method::GET
+        && has_token(header::CONNECTION, "upgrade")
+        && has_token(header::UPGRADE, "websocket"))
+    .then_some(Kind::Http1)
+}
+
+/// Turn the client's (already rewritten) request into the HTTP/1.1 upgrade request for the
+/// backend. For extended CONNECT the handshake headers HTTP/1.1 needs are added.
+pub fn backend_request(kind: Kind, parts: &mut http::request::Parts) {
+    parts.method = Method::GET;
+    parts.version = Version::HTTP_11;
+    let h = &mut parts.headers;
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if kind == Kind::ExtendedConnect {
+        // RFC 8441 §5: the HTTP/2 side has no key; the backend's HTTP/1.1 handshake needs one.
+        let mut key = [0u8; 16];
+        if aws_lc_rs::rand::fill(&mut key).is_ok()
+            && let Ok(v) =
+                HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(key))
+        {
+            h.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+    }
+}
+
+/// The answer to the client once the backend switched protocols, and the relay started in
+/// the background. `client` is the client request's upgrade handle.
+pub fn switched(
+    kind: Kind,
+    client: OnUpgrade,
+    mut backend: Response<ProxyBody>,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+) -> Response<ProxyBody> {
+    let Some(backend_up) = backend.extensions_mut().remove::<OnUpgrade>() else {
+        return super::forward::simple(StatusCode::BAD_GATEWAY, "upstream upgrade failed\n");
+    };
+    let mut resp = Response::new(empty());
+    let keep: &[header::HeaderName] = match kind {
+        Kind::Http1 => {
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            &[
+                header::SEC_WEBSOCKET_ACCEPT,
+                header::SEC_WEBSOCKET_PROTOCOL,
+                header::SEC_WEBSOCKET_EXTENSIONS,
+            ]
+        }
+        // RFC 8441 §5: 200 instead of 101, without Sec-WebSocket-Accept.
+        Kind::ExtendedConnect => &[
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+        ],
+    };
+    copy_headers(backend.headers(), resp.headers_mut(), keep);
+    tokio::spawn(relay(client, backend_up, activity, idle_timeout));
+    resp
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, names: &[header::HeaderName]) {
+    for name in names {
+        for v in from.get_all(name) {
+            to.append(name.clone(), v.clone());
+        }
+    }
+}
+
+/// Relay bytes both ways until either side closes, or nothing moves for `idle_timeout`.
+/// The client connection counts as busy meanwhile (its idle timeout does not apply).
+async fn relay(client: OnUpgrade, backend: OnUpgrade, activity: Arc<Activity>, idle: Duration) {
+    let _busy = activity.begin();
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket upgrade did not complete");
+            return;
+        }
+    };
+    let last = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let mut client = Watched::new(TokioIo::new(client), last.clone(), epoch);
+    let mut backend = Watched::new(TokioIo::new(backend), last.clone(), epoch);
+    let watchdog = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let deadline = epoch + since + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "WebSocket relay ended with an error");
+            }
+        }
+        _ = watchdog => tracing::debug!("WebSocket relay idle for idle_timeout; closing"),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Notes the time of every read, for the relay's idle watchdog.
+    struct Watched<T> {
+        #[pin]
+        inner: T,
+        last: Arc<AtomicU64>,
+        epoch: Instant,
+    }
+}
+
+impl<T> Watched<T> {
+    fn new(inner: T, last: Arc<AtomicU64>, epoch: Instant) -> Self {
+        Watched { inner, last, epoch }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = u64::try_from(this.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            this.last.store(ms, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Whether `up` can carry an upgrade (HTTP/1.1 backends only).
+pub fn supported_by(up: &Upstream) -> bool {
+    !up.protocol().is_h2()
+}
