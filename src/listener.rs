@@ -48,6 +48,7 @@ impl PreparedListener {
             upstreams: upstreams.to_vec(),
             cfg: cfg.http.clone(),
             metrics: lm.clone(),
+            certificates: tls.resolver(),
         };
         Ok(PreparedListener {
             cfg: cfg.clone(),

@@ -430,8 +430,8 @@ async fn rapid_reset_gets_goaway_enhance_your_calm() {
         flooded.write_error
     );
     assert_eq!(goaway.code, code::ENHANCE_YOUR_CALM, "{goaway}");
-    // TODO(metric): ephemera_h2_goaways_sent_total{listener="public",reason="enhance_your_calm"}
-    // is 1 here (GOAWAY 0xb, debug data "too_many_resets").
+    // GOAWAY 0xb, debug data "too_many_resets".
+    assert_goaways(&proxy, 1.0).await;
     prober.finish(&proxy, &certs, "rapid reset").await;
 }
 
@@ -462,7 +462,10 @@ async fn continuation_flood_gets_goaway_enhance_your_calm() {
     hpack::literal_new_name(&mut full, b"x-flood", &vec![b'a'; 16384 - overhead]);
     assert_eq!(full.len(), 16384);
 
-    for (shape, payload) in [("empty", Vec::new()), ("16 KiB", full)] {
+    for (n, (shape, payload)) in [("empty", Vec::new()), ("16 KiB", full)]
+        .into_iter()
+        .enumerate()
+    {
         let what = format!("CONTINUATION flood ({shape})");
         let (rd, mut wr) = raw_h2(&proxy, &certs, false).await;
         let mut reader = spawn_reader(rd);
@@ -496,8 +499,8 @@ async fn continuation_flood_gets_goaway_enhance_your_calm() {
             "{what}: {}",
             tally(&before)
         );
-        // TODO(metric): ephemera_h2_goaways_sent_total{listener="public",reason="enhance_your_calm"}
-        // grows by 1 per shape (GOAWAY 0xb, debug data "too_many_continuations").
+        // GOAWAY 0xb, debug data "too_many_continuations".
+        assert_goaways(&proxy, n as f64 + 1.0).await;
     }
     prober.finish(&proxy, &certs, "CONTINUATION flood").await;
 }
@@ -542,8 +545,8 @@ async fn empty_data_frame_flood_gets_goaway_enhance_your_calm() {
     let (goaway, _) = expect_goaway_and_close(&mut reader, "empty DATA flood").await;
     eprintln!("empty DATA flood: {frames} empty frames written before the flood stopped");
     assert_eq!(goaway.code, code::ENHANCE_YOUR_CALM, "{goaway}");
-    // TODO(metric): ephemera_h2_goaways_sent_total{listener="public",reason="enhance_your_calm"}
-    // is 1 here (GOAWAY 0xb, debug data "too_many_data_frames").
+    // GOAWAY 0xb, debug data "too_many_data_frames".
+    assert_goaways(&proxy, 1.0).await;
     prober.finish(&proxy, &certs, "empty DATA flood").await;
 }
 
@@ -635,8 +638,8 @@ async fn hpack_bomb_far_over_the_header_list_limit_gets_goaway() {
         mib(growth),
         mib(decoded as u64)
     );
-    // TODO(metric): ephemera_h2_goaways_sent_total{listener="public",reason="enhance_your_calm"}
-    // is 1 here (GOAWAY 0xb, debug data "header_list_way_too_large").
+    // GOAWAY 0xb, debug data "header_list_way_too_large".
+    assert_goaways(&proxy, 1.0).await;
     prober.finish(&proxy, &certs, "HPACK bomb (far over)").await;
 }
 
@@ -784,14 +787,14 @@ async fn control_flood(frame: Vec<u8>, acks: fn(&Reader) -> u64, what: &str) {
             let (status, _) = reader.until_headers(1, TEST_BOUND).await;
             assert_eq!(status, Status::Code(200), "{what}");
             assert_eq!(acks(&reader), frames, "{what}: every frame answered");
-            // TODO(metric): none: the server applied backpressure and sent no GOAWAY. If a
-            // flood limit is added (GOAWAY 0xb), ephemera_h2_goaways_sent_total belongs here.
+            // Backpressure, no GOAWAY.
+            assert_goaways(&proxy, 0.0).await;
         }
         Outcome::Closed(at, e) => {
             eprintln!("{what}: writes failed after {} ({e})", mib(at));
             let (goaway, _) = expect_goaway_and_close(&mut reader, what).await;
             assert_eq!(goaway.code, code::ENHANCE_YOUR_CALM, "{what}: {goaway}");
-            // TODO(metric): ephemera_h2_goaways_sent_total{reason="enhance_your_calm"} here.
+            assert_goaways(&proxy, 1.0).await;
         }
     }
     prober.finish(&proxy, &certs, what).await;
@@ -894,7 +897,25 @@ async fn server_provoked_resets_get_goaway_enhance_your_calm() {
         .count();
     assert!(resets > 0, "the server reset streams: {}", tally(&before));
     assert_eq!(goaway.code, code::ENHANCE_YOUR_CALM, "{goaway}");
-    // TODO(metric): ephemera_h2_goaways_sent_total{listener="public",reason="enhance_your_calm"}
-    // is 1 here (GOAWAY 0xb, debug data "too_many_internal_resets").
+    // GOAWAY 0xb, debug data "too_many_internal_resets".
+    assert_goaways(&proxy, 1.0).await;
     prober.finish(&proxy, &certs, "MadeYouReset").await;
+}
+
+/// `ephemera_h2_goaways_sent_total{reason="enhance_your_calm"}` reaches `want` (the
+/// connection task counts it as it ends, just after the client saw the GOAWAY).
+async fn assert_goaways(proxy: &Proxy, want: f64) {
+    let mut got = 0.0;
+    for _ in 0..100 {
+        got = metric(
+            &proxy.metrics().await,
+            "ephemera_h2_goaways_sent_total",
+            &["listener=\"public\"", "reason=\"enhance_your_calm\""],
+        );
+        if got >= want && want > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, want, "GOAWAY ENHANCE_YOUR_CALM counted");
 }

@@ -354,7 +354,7 @@ async fn response_timeout_starts_after_the_request_body_is_sent() {
 
 #[tokio::test]
 async fn routing_host_and_backend_host_cannot_disagree() {
-    let certs = Certs::new(&["localhost"]);
+    let certs = Certs::new(&["localhost", "public.example", "admin.example"]);
     let backend = start_backend().await;
     // admin.example is refused by a route; everything else goes to the backend.
     let yaml = config_yaml(&certs, Some(&[backend]), "", "", "").replace(
@@ -473,5 +473,55 @@ async fn http10_requests_reuse_pooled_backend_connections() {
         accepted.load(Ordering::SeqCst),
         1,
         "one pooled backend connection serves them all"
+    );
+}
+
+#[tokio::test]
+async fn a_host_outside_the_connections_certificate_gets_421() {
+    // One certificate for localhost and alt.example, another for other.example.
+    let certs = Certs::new(&["localhost", "alt.example"]);
+    let (other_cert, other_key, _) = certs.extra_self_signed("other", &["other.example"], false);
+    let yaml = config_yaml(&certs, None, "", "", "").replace(
+        "      certificates:\n",
+        &format!(
+            "      certificates:\n        - {{ cert: {}, key: {} }}\n",
+            yaml_path(&other_cert),
+            yaml_path(&other_key)
+        ),
+    );
+    // The first certificate is the default; keep localhost's first.
+    let yaml = {
+        let lines: Vec<&str> = yaml.lines().collect();
+        let i = lines.iter().position(|l| l.contains("other.crt")).unwrap();
+        let mut v: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        v.swap(i, i + 1);
+        v.join("\n") + "\n"
+    };
+    let proxy = Proxy::start(&yaml).await;
+    for h2 in [true, false] {
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        for (host, want) in [
+            ("localhost", 200),
+            ("alt.example", 200),
+            ("ALT.example.", 200),
+            ("other.example", 421),
+            ("nowhere.example", 421),
+        ] {
+            let req = hyper::Request::get(format!("https://{host}/"))
+                .header("host", host)
+                .body(empty())
+                .unwrap();
+            let resp = c.send(req).await.unwrap();
+            assert_eq!(resp.status(), want, "{host} over SNI localhost, h2={h2}");
+        }
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_http_requests_total",
+            &["version=\"HTTP/2\"", "status_class=\"4xx\""]
+        ),
+        2.0
     );
 }

@@ -92,10 +92,24 @@ pub async fn handle(
             });
         }
     };
-    let resp = match l
-        .router
-        .find(authority.as_ref().map(host_of), req.uri().path())
+    let host = authority.as_ref().map(host_of);
+    if let (Some(sni), Some(host)) = (c.tls.server_name.as_deref(), host)
+        && l.certificates.misdirected(sni, host)
     {
+        let resp = simple(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this connection's certificate does not cover the requested host\n",
+        );
+        l.metrics.http_request(version, resp.status().as_u16());
+        return resp.map(|b| {
+            GuardedBody {
+                inner: b,
+                _guard: guard,
+            }
+            .boxed()
+        });
+    }
+    let resp = match l.router.find(host, req.uri().path()) {
         None => simple(StatusCode::NOT_FOUND, "no route for this host and path\n"),
         Some(RouteAction::Respond { status, body }) => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);

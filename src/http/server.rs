@@ -32,6 +32,8 @@ pub struct ListenerHttp {
     pub upstreams: Vec<Arc<Upstream>>,
     pub cfg: HttpConfig,
     pub metrics: ListenerMetrics,
+    /// Which names each connection's certificate covers (421 Misdirected Request).
+    pub certificates: Arc<crate::tls::certs::SniResolver>,
 }
 
 impl ListenerHttp {
@@ -86,6 +88,11 @@ pub async fn serve_connection(
         .max_header_list_size(h2_limits.max_header_list_size)
         .keep_alive_interval(h2_limits.keepalive_interval)
         .keep_alive_timeout(h2_limits.keepalive_timeout)
+        // Rapid reset (CVE-2023-44487) and server-provoked resets (CVE-2025-8671): GOAWAY
+        // ENHANCE_YOUR_CALM past these counts. h2's defaults, pinned so that a change of
+        // default cannot silently drop the protection (tests/h2_abuse.rs).
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
         // RFC 8441: WebSocket over HTTP/2 arrives as an extended CONNECT.
         .enable_connect_protocol();
     let builder = if h2 {

@@ -88,6 +88,11 @@ pub struct TlsAcceptor {
 }
 
 impl TlsAcceptor {
+    /// The listener's certificates by name (for the HTTP layer's 421 check).
+    pub fn resolver(&self) -> Arc<SniResolver> {
+        self.resolver.clone()
+    }
+
     /// Load the certificates and build the policy. Fails before anything binds.
     pub fn new(
         tls: &TlsConfig,

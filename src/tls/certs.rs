@@ -229,6 +229,26 @@ impl SniResolver {
         name.is_some_and(|n| self.candidates(n).is_some())
     }
 
+    /// A request for `host` on a connection whose client asked for `sni`: true when the
+    /// certificate that connection got does not cover `host` (answered 421, RFC 9110
+    /// §15.5.20: HTTP/2 clients reuse a connection for every name its certificate lists, and
+    /// a name outside it must go to a connection of its own).
+    pub fn misdirected(&self, sni: &str, host: &str) -> bool {
+        let host = host.trim_end_matches('.');
+        if host.eq_ignore_ascii_case(sni.trim_end_matches('.')) {
+            return false;
+        }
+        let Some(served) = self.for_name(Some(sni)) else {
+            return true;
+        };
+        match self.candidates(host) {
+            Some(covering) => !covering
+                .iter()
+                .any(|c| served.iter().any(|s| Arc::ptr_eq(c, s))),
+            None => true,
+        }
+    }
+
     /// The certificate list for a name: its own, else (unless strict) the default.
     fn for_name(&self, name: Option<&str>) -> Option<&[Arc<CertifiedKey>]> {
         match name.and_then(|n| self.candidates(n)) {
