@@ -351,3 +351,56 @@ async fn an_unanswered_idempotent_request_is_retried_once_on_another_server() {
         1.0
     );
 }
+
+/// `h2load` (nghttp2) as an independent HTTP/2 client: many streams over a few TLS sessions,
+/// through the proxy to an h2c backend, with zero failures. Skipped without h2load, except
+/// under CI (env `CI`), where `.ci/run` installs it.
+#[tokio::test]
+async fn h2load_completes_many_streams_with_zero_failures() {
+    let have = std::process::Command::new("h2load")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "h2load missing under CI: install nghttp2-client"
+        );
+        eprintln!("SKIPPED: h2load is not on PATH");
+        return;
+    }
+    let certs = Certs::new(&["localhost"]);
+    let backend = h2_backend::start(None, None).await;
+    let proxy = Proxy::start(&proxy_yaml(
+        &certs,
+        &upstream_yaml("h2c", &[backend.addr], ""),
+    ))
+    .await;
+    let out = tokio::process::Command::new("h2load")
+        .args(["-n", "4000", "-c", "4", "-m", "100"])
+        .arg(format!("https://127.0.0.1:{}/", proxy.addr.port()))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("4000 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 4000 2xx"), "{text}");
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert_eq!(backend.requests(), 4000);
+    // Up to 4 x 100 streams at once against hyper's default limit of 200 per connection.
+    assert!(
+        (1..=2).contains(&backend.connections()),
+        "4 client sessions over {} backend connections",
+        backend.connections()
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "ephemera_h2_streams_total", &["listener=\"public\""]),
+        4000.0
+    );
+}
