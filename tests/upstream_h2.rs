@@ -404,3 +404,17 @@ async fn h2load_completes_many_streams_with_zero_failures() {
         4000.0
     );
 }
+
+#[tokio::test]
+async fn servers_given_by_name_are_resolved() {
+    let certs = Certs::new(&["localhost"]);
+    let backend = h2_backend::start(None, None).await;
+    let ups = format!(
+        "upstreams:\n  app:\n    protocol: h2c\n    servers: [\"localhost:{}\"]\n",
+        backend.addr.port()
+    );
+    let proxy = Proxy::start(&proxy_yaml(&certs, &ups)).await;
+    let mut client = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    let (status, _, body) = client.get("/").await;
+    assert_eq!((status, &body[..]), (200, &b"backend ok"[..]));
+}

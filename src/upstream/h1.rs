@@ -57,6 +57,13 @@ impl Pool {
         None
     }
 
+    /// Close idle connections that are too old or closed by the backend; with `all`, every
+    /// idle connection (the server's address changed).
+    pub fn prune(&self, all: bool) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| !all && c.idle_since.elapsed() < IDLE_TIMEOUT && c.sender.is_ready());
+    }
+
     /// Park `conn` once its current response has been read to the end (hyper's `ready`).
     pub fn give_back(self: &Arc<Self>, mut conn: Conn) {
         let pool = self.clone();

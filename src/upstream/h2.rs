@@ -114,6 +114,15 @@ impl Pool {
         conns.iter().filter(|c| c.usable()).count()
     }
 
+    /// No new streams on the open connections (their server's address changed); streams in
+    /// flight finish, then each connection closes as its last sender goes.
+    pub fn retire_all(&self) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for c in conns.drain(..) {
+            c.ended.store(true, Ordering::Release);
+        }
+    }
+
     fn try_lease(&self) -> Option<Lease> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.retain(|c| c.usable());

@@ -12,6 +12,7 @@ mod connect;
 mod h1;
 mod h2;
 mod health;
+mod resolve;
 mod sent;
 
 pub use connect::UpstreamSetupError;
@@ -82,6 +83,7 @@ struct Server {
     /// The TLS name to verify (`h2` upstreams only).
     tls_name: Option<ServerName<'static>>,
     health: Health,
+    resolved: resolve::Resolved,
     h1: Arc<h1::Pool>,
     h2: h2::Pool,
 }
@@ -100,6 +102,7 @@ pub struct Upstream {
     metrics: UpstreamMetrics,
     /// A down backend must not flood the log: at most 10 lines per 10 s per upstream.
     pub log: LogLimiter,
+    upkeep: std::sync::Once,
 }
 
 /// How one attempt on one server ended, short of a response.
@@ -136,6 +139,7 @@ impl Upstream {
                     addr: addr.clone(),
                     tls_name,
                     health: Health::default(),
+                    resolved: resolve::Resolved::default(),
                     h1: Arc::new(h1::Pool::default()),
                     h2: h2::Pool::new(cfg.max_connections),
                 }))
@@ -156,6 +160,7 @@ impl Upstream {
             response_timeout: cfg.response_timeout,
             metrics,
             log: LogLimiter::new(Duration::from_secs(10), 10),
+            upkeep: std::sync::Once::new(),
         })
     }
 
@@ -202,6 +207,9 @@ impl Upstream {
         &self,
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        // Started by the first request: it needs the runtime, which `check` does not start.
+        self.upkeep
+            .call_once(|| resolve::spawn(self.name.clone(), &self.servers));
         let req = if self.protocol.is_h2() {
             self.to_h2(req)
         } else {
