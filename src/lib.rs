@@ -250,6 +250,19 @@ pub fn describe(p: &Prepared) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let h2 = &h.h2;
+        let _ = writeln!(
+            out,
+            "  http.h2: max_concurrent_streams {}, initial_stream_window {} bytes, initial_connection_window {} bytes, max_header_list_size {} bytes, keepalive_interval {}, keepalive_timeout {}",
+            h2.max_concurrent_streams,
+            h2.initial_stream_window,
+            h2.initial_connection_window,
+            h2.max_header_list_size,
+            h2.keepalive_interval
+                .map(secs)
+                .unwrap_or_else(|| "off".into()),
+            secs(h2.keepalive_timeout)
+        );
         for r in &cfg.routes {
             let host = match &r.host {
                 config::HostMatch::Any => "*".to_string(),
@@ -283,6 +296,21 @@ pub fn describe(p: &Prepared) -> String {
             secs(u.connect_timeout),
             secs(u.response_timeout)
         );
+        if u.protocol.is_h2() {
+            let _ = writeln!(
+                out,
+                "  max_connections {} per server (more only at the server's stream limit)",
+                u.max_connections
+            );
+        }
+        if let Some(t) = &u.tls {
+            let _ = writeln!(
+                out,
+                "  tls: verified against {}, server_name {}, ALPN h2, TLS 1.3 preferred, no resumption",
+                t.ca.display(),
+                t.server_name.as_deref().unwrap_or("(each server's host)")
+            );
+        }
     }
     out
 }

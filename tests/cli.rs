@@ -440,6 +440,18 @@ fn example_config_mentions_every_key() {
         "servers",
         "connect_timeout",
         "response_timeout",
+        "key_update",
+        "max_bytes",
+        "max_age",
+        "h2",
+        "max_concurrent_streams",
+        "initial_stream_window",
+        "initial_connection_window",
+        "max_header_list_size",
+        "keepalive_interval",
+        "keepalive_timeout",
+        "ca",
+        "server_name",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))

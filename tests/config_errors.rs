@@ -360,3 +360,113 @@ fn serve_rejects_invalid_config_before_binding() {
     assert!(stderr.contains(&bind), "{stderr}");
     drop(held);
 }
+
+#[test]
+fn upstream_protocol_and_tls_must_agree() {
+    let certs = Certs::new(&["localhost"]);
+    let base = base(&certs, "127.0.0.1:0");
+    let line = "  app: { protocol: http1, servers: [127.0.0.1:8080] }";
+
+    let err = error_of(&edit(
+        &base,
+        line,
+        "  app: { protocol: h2, servers: [127.0.0.1:8080] }",
+    ));
+    assert_names(&err, "upstreams.app.tls", 17);
+    assert!(err.contains("h2c"), "suggests h2c for cleartext: {err}");
+
+    let err = error_of(&edit(
+        &base,
+        line,
+        "  app: { protocol: h2c, servers: [127.0.0.1:8080], tls: { ca: x.pem } }",
+    ));
+    assert_names(&err, "upstreams.app.tls", 17);
+
+    let err = error_of(&edit(
+        &base,
+        line,
+        "  app: { protocol: http3, servers: [127.0.0.1:8080] }",
+    ));
+    assert_names(&err, "upstreams.app.protocol", 17);
+    assert!(err.contains("http1, h2c, h2"), "{err}");
+
+    let err = error_of(&edit(
+        &base,
+        line,
+        "  app: { protocol: http1, servers: [127.0.0.1:8080], max_connections: 4 }",
+    ));
+    assert_names(&err, "upstreams.app.max_connections", 17);
+    let err = error_of(&edit(
+        &base,
+        line,
+        "  app: { protocol: h2c, servers: [127.0.0.1:8080], max_connections: 0 }",
+    ));
+    assert_names(&err, "upstreams.app.max_connections", 17);
+}
+
+#[test]
+fn upstream_ca_file_problems_name_the_upstream_and_file() {
+    let certs = Certs::new(&["localhost"]);
+    let line = "  app: { protocol: http1, servers: [127.0.0.1:8080] }";
+    let missing = certs.dir.path().join("missing-ca.pem");
+    let yaml = edit(
+        &base(&certs, "127.0.0.1:0"),
+        line,
+        &format!(
+            "  app: {{ protocol: h2, servers: [127.0.0.1:8443], tls: {{ ca: {} }} }}",
+            yaml_path(&missing)
+        ),
+    );
+    let err = error_of(&yaml);
+    assert!(
+        err.contains("upstream 'app'") && err.contains("missing-ca.pem"),
+        "{err}"
+    );
+
+    // A file without any certificate (here: a private key).
+    let yaml = edit(
+        &base(&certs, "127.0.0.1:0"),
+        line,
+        &format!(
+            "  app: {{ protocol: h2, servers: [127.0.0.1:8443], tls: {{ ca: {} }} }}",
+            yaml_path(&certs.key)
+        ),
+    );
+    let err = error_of(&yaml);
+    assert!(
+        err.contains("upstream 'app'") && err.contains("no CERTIFICATE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn h2_limits_out_of_range_name_the_key_and_line() {
+    let certs = Certs::new(&["localhost"]);
+    let base = base(&certs, "127.0.0.1:0");
+    for (setting, key) in [
+        ("max_concurrent_streams: 0", "max_concurrent_streams"),
+        ("initial_stream_window: 3GiB", "initial_stream_window"),
+        (
+            "initial_connection_window: 100",
+            "initial_connection_window",
+        ),
+        ("max_header_list_size: 2MiB", "max_header_list_size"),
+        ("keepalive_interval: soon", "keepalive_interval"),
+        ("bogus: 1", "bogus"),
+    ] {
+        let yaml = edit(
+            &base,
+            "      header_timeout: 10s\n",
+            &format!("      header_timeout: 10s\n      h2:\n        {setting}\n"),
+        );
+        let err = error_of(&yaml);
+        assert!(err.contains(key), "{setting}: {err}");
+        assert!(err.contains("line 15"), "{setting}: {err}");
+    }
+    let ok = edit(
+        &base,
+        "      header_timeout: 10s\n",
+        "      header_timeout: 10s\n      h2: { max_concurrent_streams: 250, keepalive_interval: off }\n",
+    );
+    Config::parse(&ok, "ok.yaml").unwrap();
+}
