@@ -525,3 +525,50 @@ async fn a_host_outside_the_connections_certificate_gets_421() {
         2.0
     );
 }
+
+/// A strict `Expect: 100-continue` client: it sends the body only after `100 Continue`
+/// arrives, which the proxy must answer itself (the backend sees the body, not a stall).
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (certs, proxy, _) = proxy_to_backend("", "").await;
+    let mut tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let body = pattern(0, 100_000);
+    let head = format!(
+        "POST /hash HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("no 100 Continue within 5 s")
+        .unwrap();
+    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{interim}"
+    );
+    tls.write_all(&body).await.unwrap();
+    let mut resp = Vec::new();
+    loop {
+        let n = tls.read(&mut buf).await.unwrap();
+        resp.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&resp);
+        if n == 0 || text.contains(&sha256(&body)) {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.contains(&format!("{} {}", body.len(), sha256(&body))),
+        "{text}"
+    );
+}

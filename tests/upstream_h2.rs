@@ -418,3 +418,33 @@ async fn servers_given_by_name_are_resolved() {
     let (status, _, body) = client.get("/").await;
     assert_eq!((status, &body[..]), (200, &b"backend ok"[..]));
 }
+
+#[tokio::test]
+async fn the_backend_never_sees_more_than_max_concurrent_streams_from_one_connection() {
+    let certs = Certs::new(&["localhost"]);
+    let backend = h2_backend::start(None, None).await;
+    let base = proxy_yaml(&certs, &upstream_yaml("h2c", &[backend.addr], ""));
+    let yaml = base.replace(
+        "      header_timeout: 10s\n",
+        "      header_timeout: 10s\n      h2: { max_concurrent_streams: 10 }\n",
+    );
+    assert_ne!(yaml, base);
+    let proxy = Proxy::start(&yaml).await;
+    let mut client = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    // One request first, so the client has our SETTINGS (streams opened before them, past
+    // the limit, are refused with REFUSED_STREAM, as RFC 9113 §5.1.2 allows).
+    assert_eq!(client.get("/").await.0, 200);
+    // 50 requests at once, each held 30 ms: the client may open 10 streams at a time.
+    let bad = run_streams(&client, "/slow/30", 200, 50).await;
+    assert!(bad.is_empty(), "{bad:?}");
+    assert!(
+        backend.peak_in_flight() <= 10,
+        "peak {}",
+        backend.peak_in_flight()
+    );
+    assert!(
+        backend.peak_in_flight() >= 5,
+        "peak {}",
+        backend.peak_in_flight()
+    );
+}
