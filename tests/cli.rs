@@ -323,9 +323,19 @@ async fn certs_with_names_verify_against_the_ca() {
     .await
     .expect("handshake with SNI other.test");
     let mut client = HttpClient::over(tls, false).await;
-    let (status, _, body) = client.get("/").await;
-    assert_eq!(status, 200);
+    let req = hyper::Request::get("/")
+        .header("host", "other.test")
+        .body(empty())
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("TLSv1.3"));
+    // The certificate does not cover localhost: 421 on this connection.
+    assert_eq!(client.get("/").await.0, 421);
     let refused = tls_connect(
         proxy.addr,
         "third.test",
