@@ -238,9 +238,6 @@ async fn a_backend_that_speaks_http1_to_h2c_is_a_502_not_a_hang() {
 
 #[tokio::test]
 async fn a_dead_server_is_ejected_and_requests_go_to_the_live_one() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("ephemera=debug")
-        .try_init();
     let certs = Certs::new(&["localhost"]);
     let dead = closed_port().await;
     let live = h2_backend::start(None, None).await;
@@ -446,5 +443,134 @@ async fn the_backend_never_sees_more_than_max_concurrent_streams_from_one_connec
         backend.peak_in_flight() >= 5,
         "peak {}",
         backend.peak_in_flight()
+    );
+}
+
+#[tokio::test]
+async fn a_client_body_over_the_limit_is_413_not_an_upstream_error_with_h2_backends() {
+    let certs = Certs::new(&["localhost"]);
+    let backend = h2_backend::start(None, None).await;
+    let base = proxy_yaml(&certs, &upstream_yaml("h2c", &[backend.addr], ""));
+    let yaml = base.replace(
+        "      header_timeout: 10s\n",
+        "      header_timeout: 10s\n      max_request_body: 64KiB\n",
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let mut client = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    // Streamed, no Content-Length: cut off at the limit while it is being forwarded.
+    let resp = client
+        .send(request("POST", "/hash", pattern_body(1 << 20)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_upstream_errors_total",
+            &["upstream=\"app\"", "kind=\"protocol\""]
+        ),
+        0.0
+    );
+    let (status, _, _) = client.get("/").await;
+    assert_eq!(status, 200, "the backend connection is still fine");
+}
+
+/// A backend that drops its first connection after reading the request, then serves
+/// `common::backend_handler` normally.
+async fn start_flaky_once_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            if std::mem::take(&mut first) {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                continue;
+            }
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(backend_handler);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn with_one_server_the_retry_goes_to_that_server_again() {
+    let certs = Certs::new(&["localhost"]);
+    let flaky = start_flaky_once_backend().await;
+    let proxy = Proxy::start(&proxy_yaml(&certs, &upstream_yaml("http1", &[flaky], ""))).await;
+    let mut client = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    let (status, _, body) = client.get("/").await;
+    assert_eq!((status, &body[..]), (200, &b"backend ok"[..]));
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_upstream_retries_total",
+            &["upstream=\"app\"", "reason=\"unanswered\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_upstream_retries_total",
+            &["upstream=\"app\"", "reason=\"connect\""]
+        ),
+        0.0
+    );
+}
+
+/// A backend that accepts, reads a little, and then neither reads nor answers.
+async fn start_deaf_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_reading_an_upload_gets_504_after_response_timeout() {
+    let certs = Certs::new(&["localhost"]);
+    let deaf = start_deaf_backend().await;
+    let ups = upstream_yaml("http1", &[deaf], "    response_timeout: 1s\n");
+    let proxy = Proxy::start(&proxy_yaml(&certs, &ups)).await;
+    let mut client = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        client.send(request("POST", "/hash", pattern_body(64 << 20))),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert_eq!(resp.status(), 504, "after {:?}", started.elapsed());
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_upstream_errors_total",
+            &["upstream=\"app\"", "kind=\"response_timeout\""]
+        ),
+        1.0
     );
 }

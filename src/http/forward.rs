@@ -267,6 +267,7 @@ fn upstream_failure(e: UpstreamError, up: &Upstream) -> Response<ProxyBody> {
         // The client's fault: answered (if it still listens) but not logged as a backend
         // problem and not counted in ephemera_upstream_errors_total.
         tracing::debug!(error = %e, "request body failed");
+        let source: &(dyn std::error::Error + 'static) = source.as_ref();
         return if caused_by::<http_body_util::LengthLimitError>(source) {
             simple(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
         } else if caused_by::<BodyStalled>(source) {
@@ -279,7 +280,7 @@ fn upstream_failure(e: UpstreamError, up: &Upstream) -> Response<ProxyBody> {
         tracing::warn!(error = %e, suppressed_since_last = suppressed, "upstream request failed");
     }
     match e {
-        UpstreamError::ResponseTimeout { .. } => simple(
+        UpstreamError::ResponseTimeout { .. } | UpstreamError::BodyTimeout { .. } => simple(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream did not respond in time\n",
         ),

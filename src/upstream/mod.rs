@@ -31,14 +31,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::TrySendError;
 use hyper::{Request, Response};
 use rustls::pki_types::ServerName;
-use sent::SentSignal;
+use sent::BodyWatch;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// Why a request could not be sent to the backend.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +73,15 @@ pub enum UpstreamError {
     ClientBody {
         upstream: String,
         #[source]
-        source: hyper::Error,
+        source: BoxError,
+    },
+    /// The backend stopped taking the request body (or the request waited for a free
+    /// HTTP/2 stream) for `response_timeout` (answered 504).
+    #[error("upstream '{upstream}': {server} took no request body data for {timeout:?}")]
+    BodyTimeout {
+        upstream: String,
+        server: String,
+        timeout: Duration,
     },
 }
 
@@ -224,14 +231,18 @@ impl Upstream {
                 req.headers().clone(),
             )
         });
-        let (mut req, mut body_sent) = with_sent_signal(req);
+        let (mut req, mut body) = watch_body(req);
         let mut retried = false;
         let mut last_connect: Option<(String, std::io::Error)> = None;
-        for server in self.order() {
+        let mut order = self.order();
+        let mut i = 0;
+        while let Some(server) = order.get(i).cloned() {
+            i += 1;
+            let more = i < order.len();
             let attempt = if self.protocol.is_h2() {
-                self.send_h2(&server, req, &body_sent).await
+                self.send_h2(&server, req, &body).await
             } else {
-                self.send_h1(&server, req, &body_sent).await
+                self.send_h1(&server, req, &body).await
             };
             match attempt {
                 Ok(resp) => {
@@ -245,9 +256,11 @@ impl Upstream {
                         tracing::warn!(upstream = %self.name, server = %server.addr, cool_down = ?health::EJECT_FOR, "server ejected after {} connect failures in a row", health::EJECT_AFTER);
                     }
                     if let Some(suppressed) = self.log.allow() {
-                        tracing::warn!(upstream = %self.name, server = %server.addr, error = %e, suppressed_since_last = suppressed, "backend connect failed; trying the next server");
+                        tracing::warn!(upstream = %self.name, server = %server.addr, error = %e, suppressed_since_last = suppressed, more_servers = more, "backend connect failed");
                     }
-                    self.metrics.retry(RetryReason::Connect);
+                    if more {
+                        self.metrics.retry(RetryReason::Connect);
+                    }
                     last_connect = Some((server.addr.clone(), e));
                     req = r;
                 }
@@ -266,9 +279,12 @@ impl Upstream {
                         Some((method, uri, version, headers)) if !retried => {
                             retried = true;
                             self.metrics.retry(RetryReason::Unanswered);
-                            tracing::debug!(upstream = %self.name, server = %server.addr, error = %source, "backend did not answer; retrying the idempotent request on another server");
-                            (req, body_sent) =
-                                with_sent_signal(rebuild(method, uri, *version, headers));
+                            tracing::debug!(upstream = %self.name, server = %server.addr, error = %source, "backend did not answer; sending the idempotent request once more");
+                            // To the next server; with none left, to this one again.
+                            if !more {
+                                order.push(server.clone());
+                            }
+                            (req, body) = watch_body(rebuild(method, uri, *version, headers));
                         }
                         _ => {
                             return Err(UpstreamError::Protocol {
@@ -295,7 +311,7 @@ impl Upstream {
         &self,
         server: &Server,
         mut req: Request<ProxyBody>,
-        body_sent: &watch::Receiver<bool>,
+        body: &BodyWatch,
     ) -> Result<Response<ProxyBody>, Attempt> {
         // A reused connection may have been closed by the backend just now; hyper then hands
         // the unsent request back and we try a fresh connection.
@@ -320,7 +336,7 @@ impl Upstream {
             };
             let started = Instant::now();
             match self
-                .exchange(conn.sender.try_send_request(req), body_sent, server)
+                .exchange(conn.sender.try_send_request(req), body, server)
                 .await
             {
                 Ok(resp) => {
@@ -335,8 +351,12 @@ impl Upstream {
                     return Ok(resp.map(|b| b.map_err(BoxError::from).boxed()));
                 }
                 Err(Exchange::Unsent(r)) if !fresh => req = r,
-                Err(Exchange::Unsent(_)) => {
-                    return Err(Attempt::Unanswered(closed_error()));
+                Err(Exchange::Unsent(r)) => {
+                    let f = (
+                        UpstreamErrorKind::Protocol,
+                        std::io::Error::other("a new backend connection closed at once"),
+                    );
+                    return Err(Attempt::NoConnection(r, f));
                 }
                 Err(Exchange::Failed(a)) => return Err(a),
             }
@@ -347,11 +367,14 @@ impl Upstream {
         &self,
         server: &Server,
         mut req: Request<ProxyBody>,
-        body_sent: &watch::Receiver<bool>,
+        body: &BodyWatch,
     ) -> Result<Response<ProxyBody>, Attempt> {
         // A connection can end (GOAWAY) between lease and send; hyper hands the request back
         // and we lease again, a few times at most.
-        for _ in 0..3 {
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tracing::debug!(server = %server.addr, "HTTP/2 connection ended before the request was sent; leasing another");
+            }
             let leased = server
                 .h2
                 .lease(|| async {
@@ -369,7 +392,7 @@ impl Upstream {
             let started = Instant::now();
             let mut sender = lease.sender();
             match self
-                .exchange(sender.try_send_request(req), body_sent, server)
+                .exchange(sender.try_send_request(req), body, server)
                 .await
             {
                 Ok(resp) => {
@@ -389,31 +412,67 @@ impl Upstream {
                 Err(Exchange::Failed(a)) => return Err(a),
             }
         }
-        Err(Attempt::Unanswered(closed_error()))
+        let f = (
+            UpstreamErrorKind::Protocol,
+            std::io::Error::other(
+                "backend HTTP/2 connections kept closing before the request was sent",
+            ),
+        );
+        Err(Attempt::NoConnection(req, f))
     }
 
-    /// Wait for the response to a request handed to hyper, bounded by `response_timeout`
-    /// once the request body has been sent.
+    /// Wait for the response to a request handed to hyper. Bounded by `response_timeout`
+    /// from the moment the request body has been sent in full, and before that by the same
+    /// time without hyper pulling from the body (a backend that stops reading it, or an
+    /// HTTP/2 stream that never gets a slot).
     async fn exchange(
         &self,
         send: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>>,
-        body_sent: &watch::Receiver<bool>,
+        body: &BodyWatch,
         server: &Server,
     ) -> Result<Response<Incoming>, Exchange> {
+        let timeout = self.response_timeout;
         let deadline = async {
-            // Err: the body is gone (failed or dropped); the timer starts anyway.
-            let _ = body_sent.clone().wait_for(|sent| *sent).await;
-            tokio::time::sleep(self.response_timeout).await;
+            let mut sent = body.sent.clone();
+            loop {
+                if *sent.borrow_and_update() {
+                    tokio::time::sleep(timeout).await;
+                    return false;
+                }
+                let due = body.last_pulled() + timeout;
+                if tokio::time::Instant::now() >= due {
+                    return true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    changed = sent.changed() => {
+                        if changed.is_err() {
+                            // The body is gone (failed or dropped): the response timer runs.
+                            tokio::time::sleep(timeout).await;
+                            return false;
+                        }
+                    }
+                }
+            }
         };
         let sent = tokio::select! {
             r = send => r,
-            _ = deadline => {
+            body_stuck = deadline => {
                 self.metrics.error(UpstreamErrorKind::ResponseTimeout);
-                return Err(Exchange::Failed(Attempt::Final(UpstreamError::ResponseTimeout {
-                    upstream: self.name.clone(),
-                    server: server.addr.clone(),
-                    timeout: self.response_timeout,
-                })));
+                let e = if body_stuck {
+                    UpstreamError::BodyTimeout {
+                        upstream: self.name.clone(),
+                        server: server.addr.clone(),
+                        timeout,
+                    }
+                } else {
+                    UpstreamError::ResponseTimeout {
+                        upstream: self.name.clone(),
+                        server: server.addr.clone(),
+                        timeout,
+                    }
+                };
+                return Err(Exchange::Failed(Attempt::Final(e)));
             }
         };
         match sent {
@@ -421,9 +480,9 @@ impl Upstream {
             Err(mut e) => match e.take_message() {
                 Some(unsent) => Err(Exchange::Unsent(unsent)),
                 None => {
-                    let source = e.into_error();
-                    // A user error is ours to send: here, the client's body failing.
-                    if source.is_user() {
+                    // The client's body failing is not the backend's fault: hyper's HTTP/1.1
+                    // client reports it as a user error, its HTTP/2 client as a stream reset.
+                    if let Some(source) = body.take_failure() {
                         return Err(Exchange::Failed(Attempt::Final(
                             UpstreamError::ClientBody {
                                 upstream: self.name.clone(),
@@ -431,7 +490,7 @@ impl Upstream {
                             },
                         )));
                     }
-                    Err(Exchange::Failed(Attempt::Unanswered(source.into())))
+                    Err(Exchange::Failed(Attempt::Unanswered(e.into_error().into())))
                 }
             },
         }
@@ -469,13 +528,10 @@ enum Exchange {
     Failed(Attempt),
 }
 
-fn closed_error() -> BoxError {
-    "the backend connection closed before the request was sent".into()
-}
-
-fn with_sent_signal(req: Request<ProxyBody>) -> (Request<ProxyBody>, watch::Receiver<bool>) {
-    let (tx, rx) = watch::channel(false);
-    (req.map(|b| SentSignal::new(b, tx).boxed()), rx)
+fn watch_body(req: Request<ProxyBody>) -> (Request<ProxyBody>, BodyWatch) {
+    let (parts, body) = req.into_parts();
+    let (body, watch) = sent::watched(body);
+    (Request::from_parts(parts, body.boxed()), watch)
 }
 
 fn rebuild(

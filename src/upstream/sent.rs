@@ -1,29 +1,79 @@
-//! The request body on its way to a backend, reporting when it has been sent in full: the
-//! `response_timeout` starts then, so a long upload is not cut off by it.
+//! The request body on its way to a backend, watched: when it has been sent in full (the
+//! `response_timeout` starts then, so a long upload is not cut off by it), when hyper last
+//! pulled from it (a backend that stops taking the body, or a stream that cannot open, is
+//! then noticed), and why it failed (the client's fault, which hyper's HTTP/2 client only
+//! logs: the stream is reset and the response future sees just the reset).
 
 use crate::body::{BoxError, ProxyBody};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// What the sender of one request learns from its body.
+pub struct BodyWatch {
+    pub sent: watch::Receiver<bool>,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of hyper's last pull.
+    pulled_ms: Arc<AtomicU64>,
+    failure: Arc<Mutex<Option<BoxError>>>,
+}
+
+impl BodyWatch {
+    /// When hyper last asked the body for data (or when the request was created).
+    pub fn last_pulled(&self) -> Instant {
+        self.epoch + std::time::Duration::from_millis(self.pulled_ms.load(Ordering::Acquire))
+    }
+
+    /// The client-side error that ended the body, if it failed.
+    pub fn take_failure(&self) -> Option<BoxError> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
 
 pin_project_lite::pin_project! {
     pub struct SentSignal {
         #[pin]
         inner: ProxyBody,
         sent: Option<watch::Sender<bool>>,
+        epoch: Instant,
+        pulled_ms: Arc<AtomicU64>,
+        failure: Arc<Mutex<Option<BoxError>>>,
     }
 }
 
-impl SentSignal {
-    pub fn new(inner: ProxyBody, sent: watch::Sender<bool>) -> SentSignal {
-        let mut sent = Some(sent);
-        if inner.is_end_stream() {
-            fire(&mut sent);
-        }
-        SentSignal { inner, sent }
+/// Wrap `inner`; the returned watch belongs to whoever sends the request.
+pub fn watched(inner: ProxyBody) -> (SentSignal, BodyWatch) {
+    let (tx, rx) = watch::channel(false);
+    let mut sent = Some(tx);
+    if inner.is_end_stream() {
+        fire(&mut sent);
     }
+    let epoch = Instant::now();
+    let pulled_ms = Arc::new(AtomicU64::new(0));
+    let failure = Arc::new(Mutex::new(None));
+    (
+        SentSignal {
+            inner,
+            sent,
+            epoch,
+            pulled_ms: pulled_ms.clone(),
+            failure: failure.clone(),
+        },
+        BodyWatch {
+            sent: rx,
+            epoch,
+            pulled_ms,
+            failure,
+        },
+    )
 }
 
 fn fire(sent: &mut Option<watch::Sender<bool>>) {
@@ -31,6 +81,12 @@ fn fire(sent: &mut Option<watch::Sender<bool>>) {
         let _ = tx.send(true);
     }
 }
+
+/// What hyper gets in place of the client's error (it only logs or wraps it); the original
+/// is kept for the sender.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+struct ClientBodyFailed(String);
 
 impl Body for SentSignal {
     type Data = Bytes;
@@ -41,18 +97,29 @@ impl Body for SentSignal {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        let ms = u64::try_from(this.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        this.pulled_ms.store(ms, Ordering::Release);
         let mut inner = this.inner;
         let r = inner.as_mut().poll_frame(cx);
         // hyper stops polling once `is_end_stream` is true, so check after every frame.
-        let ended = match &r {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            fire(this.sent);
+        match r {
+            Poll::Ready(Some(Err(e))) => {
+                let shown = ClientBodyFailed(e.to_string());
+                *this.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                Poll::Ready(Some(Err(Box::new(shown))))
+            }
+            Poll::Ready(None) => {
+                fire(this.sent);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if inner.is_end_stream() {
+                    fire(this.sent);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => Poll::Pending,
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
