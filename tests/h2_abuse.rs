@@ -919,3 +919,64 @@ async fn assert_goaways(proxy: &Proxy, want: f64) {
     }
     assert_eq!(got, want, "GOAWAY ENHANCE_YOUR_CALM counted");
 }
+
+/// A client that holds its flow-control windows at zero (SETTINGS_INITIAL_WINDOW_SIZE 0,
+/// no WINDOW_UPDATE) while asking for large responses from an HTTP/2 backend shared with
+/// other clients. It never blocks a socket write, so only the per-connection check that
+/// response bodies are being taken catches it: the connection is closed after
+/// `idle_timeout`. Meanwhile a well-behaved client's download over the same backend
+/// connection completes: the stalled streams do not starve the backend connection's window.
+#[tokio::test]
+async fn a_zero_window_client_is_cut_off_and_does_not_stall_others() {
+    let certs = Certs::new(&["localhost"]);
+    let backend = h2_backend::start(None, None).await;
+    let yaml = config_yaml(
+        &certs,
+        Some(&[backend.addr]),
+        "",
+        "      idle_timeout: 2s\n",
+        "",
+    )
+    .replace("protocol: http1", "protocol: h2c");
+    let proxy = Proxy::start(&yaml).await;
+    let (rd, mut wr) = raw_h2(&proxy, &certs, false).await;
+    let mut reader = spawn_reader(rd);
+    // Window 0 for every stream; the connection window stays at its initial 64 KiB.
+    wr.write_all(&h2frames::settings(&[(0x4, 0)]))
+        .await
+        .unwrap();
+    for i in 0..90u32 {
+        let block = hpack::request("GET", "/bytes/1048576");
+        wr.write_all(&h2frames::headers(2 * i + 1, &block, true, true))
+            .await
+            .unwrap();
+    }
+    wr.flush().await.unwrap();
+    let started = Instant::now();
+
+    // 90 x 1 MiB responses are stuck in the proxy; a good client's 8 MiB still flows.
+    let mut good = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    let resp = timeout(
+        Duration::from_secs(10),
+        good.send(request("GET", "/bytes/8388608", empty())),
+    )
+    .await
+    .expect("headers in time")
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the good client's body is not starved")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), 8 << 20);
+
+    let (_, end) = reader.until_closed(Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    eprintln!("zero-window client: connection ended after {took:?}: {end}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed after {took:?}, before idle_timeout"
+    );
+    assert_eq!(backend.connections(), 1, "one shared backend connection");
+}

@@ -24,6 +24,11 @@ pub struct Activity {
     /// Milliseconds since `epoch` + 1 since which a write to the client is blocked (the
     /// client is not reading); 0 = not blocked.
     write_blocked_ms: AtomicU64,
+    /// Response bodies that handed data on and have not been asked for more since: the
+    /// client is not taking data (HTTP/2 flow control at zero, or a blocked socket).
+    bodies_waiting: AtomicUsize,
+    /// Milliseconds since `epoch` of the last time any response body was asked for data.
+    body_pulled_ms: AtomicU64,
     /// Wakes the connection task when its deadline changes kind (a head starts arriving, the
     /// last request finishes).
     changed: Notify,
@@ -37,6 +42,8 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
             write_blocked_ms: AtomicU64::new(0),
+            bodies_waiting: AtomicUsize::new(0),
+            body_pulled_ms: AtomicU64::new(0),
             changed: Notify::new(),
         })
     }
@@ -79,6 +86,26 @@ impl Activity {
         }
     }
 
+    /// A response body is being asked for data (by hyper, when the client can take it).
+    pub fn body_pulled(&self, was_waiting: bool) {
+        self.body_pulled_ms.store(self.now_ms(), Ordering::Release);
+        if was_waiting {
+            self.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A response body handed data on and now waits to be asked again.
+    pub fn body_waiting(&self) {
+        if self.bodies_waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.changed.notify_one();
+        }
+    }
+
+    /// A waiting response body was dropped.
+    pub fn body_done_waiting(&self) {
+        self.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
     /// Resolves when the deadline may have changed; a notification sent while nobody waits
     /// is kept, so none is lost.
     pub async fn changed(&self) {
@@ -93,10 +120,19 @@ impl Activity {
     ) -> Deadline {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             // Waiting on the backend is bounded by response_timeout; waiting on a client
-            // that does not read is bounded here.
-            return match self.write_blocked_ms.load(Ordering::Acquire) {
-                0 => Deadline::Busy,
-                since => Deadline::StalledBy(self.at(since - 1) + idle_timeout),
+            // that does not read is bounded here: a blocked socket, or (HTTP/2, where a
+            // client can hold its flow-control window at zero without ever blocking the
+            // socket) responses with data ready and no body asked for more since.
+            let blocked = match self.write_blocked_ms.load(Ordering::Acquire) {
+                0 => None,
+                since => Some(self.at(since - 1) + idle_timeout),
+            };
+            let starved = (self.bodies_waiting.load(Ordering::Acquire) > 0)
+                .then(|| self.at(self.body_pulled_ms.load(Ordering::Acquire)) + idle_timeout);
+            return match (blocked, starved) {
+                (None, None) => Deadline::Busy,
+                (Some(t), None) | (None, Some(t)) => Deadline::StalledBy(t),
+                (Some(a), Some(b)) => Deadline::StalledBy(a.min(b)),
             };
         }
         let head = self.head_started_ms.load(Ordering::Acquire);
@@ -114,13 +150,19 @@ pub enum Deadline {
     HeaderBy(Instant),
     /// Nothing in flight: close the connection gracefully at this instant.
     IdleBy(Instant),
-    /// A request is in flight but the client has not read a byte we have for it: close the
-    /// connection at this instant.
+    /// A request is in flight but the client has taken nothing of what we have for it:
+    /// close the connection at this instant.
     StalledBy(Instant),
 }
 
 /// Marks a request as finished when dropped (with its response body).
 pub struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    pub fn activity(&self) -> &Activity {
+        &self.0
+    }
+}
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {

@@ -70,26 +70,14 @@ pub async fn handle(
     if req.method() == http::Method::CONNECT && upgrade::requested(&req).is_none() {
         let resp = simple(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
         l.metrics.http_request(version, resp.status().as_u16());
-        return resp.map(|b| {
-            GuardedBody {
-                inner: b,
-                _guard: guard,
-            }
-            .boxed()
-        });
+        return resp.map(|b| GuardedBody::new(b, guard).boxed());
     }
     let authority = match target_authority(&req) {
         Ok(a) => a,
         Err(why) => {
             let resp = simple(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
             l.metrics.http_request(version, resp.status().as_u16());
-            return resp.map(|b| {
-                GuardedBody {
-                    inner: b,
-                    _guard: guard,
-                }
-                .boxed()
-            });
+            return resp.map(|b| GuardedBody::new(b, guard).boxed());
         }
     };
     let host = authority.as_ref().map(host_of);
@@ -101,13 +89,7 @@ pub async fn handle(
             "this connection's certificate does not cover the requested host\n",
         );
         l.metrics.http_request(version, resp.status().as_u16());
-        return resp.map(|b| {
-            GuardedBody {
-                inner: b,
-                _guard: guard,
-            }
-            .boxed()
-        });
+        return resp.map(|b| GuardedBody::new(b, guard).boxed());
     }
     let resp = match l.router.find(host, req.uri().path()) {
         None => simple(StatusCode::NOT_FOUND, "no route for this host and path\n"),
@@ -128,13 +110,7 @@ pub async fn handle(
         },
     };
     l.metrics.http_request(version, resp.status().as_u16());
-    resp.map(|b| {
-        GuardedBody {
-            inner: b,
-            _guard: guard,
-        }
-        .boxed()
-    })
+    resp.map(|b| GuardedBody::new(b, guard).boxed())
 }
 
 /// The built-in route's text: what this connection negotiated.
@@ -462,11 +438,30 @@ fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted as in flight until it is dropped.
+    /// A response body that keeps its request counted as in flight until it is dropped, and
+    /// tells `Activity` whether the client is taking its data.
     struct GuardedBody {
         #[pin]
         inner: ProxyBody,
-        _guard: (RequestGuard, Option<GaugeGuard>),
+        guard: (RequestGuard, Option<GaugeGuard>),
+        waiting: bool,
+    }
+    impl PinnedDrop for GuardedBody {
+        fn drop(this: Pin<&mut Self>) {
+            if this.waiting {
+                this.guard.0.activity().body_done_waiting();
+            }
+        }
+    }
+}
+
+impl GuardedBody {
+    fn new(inner: ProxyBody, guard: (RequestGuard, Option<GaugeGuard>)) -> GuardedBody {
+        GuardedBody {
+            inner,
+            guard,
+            waiting: false,
+        }
     }
 }
 
@@ -477,7 +472,17 @@ impl Body for GuardedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let activity = this.guard.0.activity();
+        activity.body_pulled(std::mem::take(this.waiting));
+        let r = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && f.is_data()
+        {
+            *this.waiting = true;
+            activity.body_waiting();
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

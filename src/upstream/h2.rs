@@ -23,10 +23,10 @@ use tokio::sync::{Notify, watch};
 
 /// Flow-control window per backend stream: how much of one response we take from the
 /// backend ahead of a slow client. Bounds memory per stream.
-const STREAM_WINDOW: u32 = 256 * 1024;
+const STREAM_WINDOW: u32 = 128 * 1024;
 /// Window for a whole backend connection. Larger than one stream's so that a few slow
 /// clients cannot stall the other streams sharing the connection.
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// PING a backend connection this often (also while idle) to find dead ones before a
 /// request does.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
