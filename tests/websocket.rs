@@ -555,3 +555,116 @@ async fn control_clients_work_without_the_proxy() {
     })
     .await;
 }
+
+// ---------- refusals and shutdown ----------
+
+fn extended_connect() -> Request<TestBody> {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("https://localhost/echo")
+        .header("sec-websocket-version", "13")
+        .body(empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(Protocol::from_static("websocket"));
+    req
+}
+
+#[tokio::test]
+async fn extended_connect_to_a_fixed_response_route_is_501_not_a_dead_tunnel() {
+    bounded(async {
+        let certs = Certs::new(&["localhost"]);
+        let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
+        let tls = connect_tls(proxy.addr, &certs, b"h2").await;
+        let mut client = HttpClient::over(tls, true).await;
+        let resp = client.send(extended_connect()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+        // Plain CONNECT is refused outright, with Allow.
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("https://localhost/")
+            .body(empty())
+            .unwrap();
+        let resp = client.send(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(resp.headers().contains_key("allow"));
+    })
+    .await;
+}
+
+/// A backend that answers every request with a 101 that is not a WebSocket handshake.
+async fn start_bogus_101_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    let mut r = Response::new(empty());
+                    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    r.headers_mut()
+                        .insert("upgrade", "not-websocket".parse().unwrap());
+                    r.headers_mut()
+                        .insert("connection", "upgrade".parse().unwrap());
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_backend_101_that_is_not_a_websocket_handshake_is_502() {
+    bounded(async {
+        let certs = Certs::new(&["localhost"]);
+        let backend = start_bogus_101_backend().await;
+        let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+        let tls = connect_tls(proxy.addr, &certs, b"h2").await;
+        let mut client = HttpClient::over(tls, true).await;
+        let resp = client.send(extended_connect()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+
+        let tls = connect_tls(proxy.addr, &certs, b"http/1.1").await;
+        let mut client = HttpClient::over(tls, false).await;
+        let req = Request::builder()
+            .uri("/echo")
+            .header("host", "localhost")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(empty())
+            .unwrap();
+        let resp = client.send(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn open_websockets_are_closed_at_shutdown_not_after_the_grace() {
+    bounded(async {
+        let (certs, proxy, _) = ws_proxy("").await;
+        let tls = connect_tls(proxy.addr, &certs, b"http/1.1").await;
+        let ws = ws_over_h1(tls, "wss://localhost/echo").await;
+        let (mut ws, _) = exchange(ws, &[10, 1000]).await;
+        let started = std::time::Instant::now();
+        proxy.stop();
+        // shutdown_grace is 5 s in the test config; the relay must not wait for it.
+        let end = tokio::time::timeout(Duration::from_secs(4), ws.next()).await;
+        assert!(
+            matches!(end, Ok(None) | Ok(Some(Err(_)))),
+            "the WebSocket was still open {:?} after shutdown began: {end:?}",
+            started.elapsed()
+        );
+    })
+    .await;
+}

@@ -31,6 +31,8 @@ pub struct ConnContext {
     /// The peer is in `trusted_proxies`: its X-Forwarded-For / Forwarded are kept.
     pub trusted_peer: bool,
     pub activity: Arc<Activity>,
+    /// Turns true when the proxy starts shutting down (WebSocket relays then close).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus Proxy-Authorization/Authenticate, which are
@@ -68,7 +70,11 @@ pub async fn handle(
     // CONNECT tunnels are not proxied (the backend could be made an open relay); only the
     // extended CONNECT that carries a WebSocket is.
     if req.method() == http::Method::CONNECT && upgrade::requested(&req).is_none() {
-        let resp = simple(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        let mut resp = simple(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
+        );
         l.metrics.http_request(version, resp.status().as_u16());
         return resp.map(|b| GuardedBody::new(b, guard).boxed());
     }
@@ -81,7 +87,10 @@ pub async fn handle(
         }
     };
     let host = authority.as_ref().map(host_of);
-    if let (Some(sni), Some(host)) = (c.tls.server_name.as_deref(), host)
+    // HTTP/2 only: its clients reuse a connection for other names its certificate covers;
+    // HTTP/1.1 clients do not, and some send a Host unlike their SNI on purpose.
+    if let (Version::HTTP_2, Some(sni), Some(host)) =
+        (req.version(), c.tls.server_name.as_deref(), host)
         && l.certificates.misdirected(sni, host)
     {
         let resp = simple(
@@ -93,6 +102,16 @@ pub async fn handle(
     }
     let resp = match l.router.find(host, req.uri().path()) {
         None => simple(StatusCode::NOT_FOUND, "no route for this host and path\n"),
+        // An extended CONNECT answered with 2xx opens a tunnel (RFC 8441 §5); a fixed
+        // response has none behind it.
+        Some(RouteAction::Respond { .. })
+            if upgrade::requested(&req) == Some(upgrade::Kind::ExtendedConnect) =>
+        {
+            simple(
+                StatusCode::NOT_IMPLEMENTED,
+                "WebSocket is served only on routes to an upstream\n",
+            )
+        }
         Some(RouteAction::Respond { status, body }) => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             let text = match body {
@@ -209,17 +228,28 @@ async fn forward_upgrade(
         parts.headers.insert(header::HOST, v);
     }
     upgrade::backend_request(kind, &mut parts);
+    let key = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned();
     match up
         .send(Request::from_parts(parts, crate::body::empty()))
         .await
     {
         Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => upgrade::switched(
             kind,
+            key.as_ref(),
             client_upgrade,
             resp,
             c.activity.clone(),
+            c.shutdown.clone(),
             l.cfg.idle_timeout,
         ),
+        // A 2xx to an extended CONNECT would tell the client its tunnel is open.
+        Ok(resp) if kind == upgrade::Kind::ExtendedConnect && resp.status().is_success() => {
+            tracing::debug!(status = %resp.status(), "backend answered a WebSocket upgrade without switching");
+            simple(
+                StatusCode::BAD_GATEWAY,
+                "upstream did not switch to WebSocket\n",
+            )
+        }
         // Refused (401, 403, 426…): the backend's answer goes back as it is.
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
@@ -507,6 +537,7 @@ mod tests {
             },
             trusted_peer: trusted,
             activity: Activity::new(),
+            shutdown: tokio::sync::watch::channel(false).1,
         }
     }
 

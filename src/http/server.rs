@@ -64,6 +64,7 @@ pub async fn serve_connection(
         tls: info,
         trusted_peer: l.is_trusted(&peer),
         activity: activity.clone(),
+        shutdown: shutdown.clone(),
     });
 
     let service = {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// What kind of upgrade a request asks for.
@@ -52,6 +53,35 @@ pub fn requested<B>(req: &Request<B>) -> Option<Kind> {
     .then_some(Kind::Http1)
 }
 
+/// RFC 6455 §1.3: what `Sec-WebSocket-Accept` must be for a given key.
+fn accept_for(key: &[u8]) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
+}
+
+/// Whether the backend's 101 really switched to WebSocket: `Upgrade: websocket`, and the
+/// accept value matching the key we sent (for HTTP/1.1 clients the client checks it
+/// against its own key). Anything else could leave a raw tunnel to a backend still
+/// speaking HTTP, past routing and header rewriting.
+fn backend_switched(kind: Kind, key: Option<&HeaderValue>, resp: &Response<ProxyBody>) -> bool {
+    let upgrade_ok = resp
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    let accept_ok = match (kind, key) {
+        (Kind::ExtendedConnect, Some(key)) => resp
+            .headers()
+            .get(header::SEC_WEBSOCKET_ACCEPT)
+            .is_some_and(|a| a.as_bytes() == accept_for(key.as_bytes()).as_bytes()),
+        (Kind::ExtendedConnect, None) => false,
+        (Kind::Http1, _) => resp.headers().contains_key(header::SEC_WEBSOCKET_ACCEPT),
+    };
+    upgrade_ok && accept_ok
+}
+
 /// Turn the client's (already rewritten) request into the HTTP/1.1 upgrade request for the
 /// backend. For extended CONNECT the handshake headers HTTP/1.1 needs are added.
 pub fn backend_request(kind: Kind, parts: &mut http::request::Parts) {
@@ -74,13 +104,20 @@ pub fn backend_request(kind: Kind, parts: &mut http::request::Parts) {
 
 /// The answer to the client once the backend switched protocols, and the relay started in
 /// the background. `client` is the client request's upgrade handle.
+#[allow(clippy::too_many_arguments)]
 pub fn switched(
     kind: Kind,
+    key: Option<&HeaderValue>,
     client: OnUpgrade,
     mut backend: Response<ProxyBody>,
     activity: Arc<Activity>,
+    shutdown: watch::Receiver<bool>,
     idle_timeout: Duration,
 ) -> Response<ProxyBody> {
+    if !backend_switched(kind, key, &backend) {
+        tracing::debug!("backend answered 101 without a valid WebSocket handshake");
+        return super::forward::simple(StatusCode::BAD_GATEWAY, "upstream upgrade failed\n");
+    }
     let Some(backend_up) = backend.extensions_mut().remove::<OnUpgrade>() else {
         return super::forward::simple(StatusCode::BAD_GATEWAY, "upstream upgrade failed\n");
     };
@@ -105,7 +142,7 @@ pub fn switched(
         ],
     };
     copy_headers(backend.headers(), resp.headers_mut(), keep);
-    tokio::spawn(relay(client, backend_up, activity, idle_timeout));
+    tokio::spawn(relay(client, backend_up, activity, shutdown, idle_timeout));
     resp
 }
 
@@ -117,9 +154,16 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, names: &[header::HeaderNam
     }
 }
 
-/// Relay bytes both ways until either side closes, or nothing moves for `idle_timeout`.
-/// The client connection counts as busy meanwhile (its idle timeout does not apply).
-async fn relay(client: OnUpgrade, backend: OnUpgrade, activity: Arc<Activity>, idle: Duration) {
+/// Relay bytes both ways until either side closes, nothing moves for `idle_timeout`, or the
+/// proxy shuts down (a WebSocket is not an in-flight request to wait for: its client
+/// reconnects, to another instance). The client connection counts as busy meanwhile.
+async fn relay(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    activity: Arc<Activity>,
+    mut shutdown: watch::Receiver<bool>,
+    idle: Duration,
+) {
     let _busy = activity.begin();
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(both) => both,
@@ -149,6 +193,7 @@ async fn relay(client: OnUpgrade, backend: OnUpgrade, activity: Arc<Activity>, i
             }
         }
         _ = watchdog => tracing::debug!("WebSocket relay idle for idle_timeout; closing"),
+        _ = shutdown.wait_for(|s| *s) => tracing::debug!("shutting down; closing WebSocket relay"),
     }
 }
 
@@ -204,4 +249,15 @@ impl<T: AsyncWrite> AsyncWrite for Watched<T> {
 /// Whether `up` can carry an upgrade (HTTP/1.1 backends only).
 pub fn supported_by(up: &Upstream) -> bool {
     !up.protocol().is_h2()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn accept_value_is_rfc_6455s_example() {
+        assert_eq!(
+            super::accept_for(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
 }
