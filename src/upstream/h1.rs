@@ -7,6 +7,7 @@ use crate::body::ProxyBody;
 use crate::metrics::UpstreamMetrics;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -23,6 +24,8 @@ pub struct Conn {
     pub sender: http1::SendRequest<ProxyBody>,
     driver: Option<JoinHandle<()>>,
     idle_since: Instant,
+    /// The pool's generation when this connection was opened.
+    generation: u64,
 }
 
 impl Conn {
@@ -43,6 +46,8 @@ impl Drop for Conn {
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<Vec<Conn>>,
+    /// Bumped when the server's address changes: older connections are not parked again.
+    generation: AtomicU64,
 }
 
 impl Pool {
@@ -60,6 +65,9 @@ impl Pool {
     /// Close idle connections that are too old or closed by the backend; with `all`, every
     /// idle connection (the server's address changed).
     pub fn prune(&self, all: bool) {
+        if all {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|c| !all && c.idle_since.elapsed() < IDLE_TIMEOUT && c.sender.is_ready());
     }
@@ -68,7 +76,8 @@ impl Pool {
     pub fn give_back(self: &Arc<Self>, mut conn: Conn) {
         let pool = self.clone();
         tokio::spawn(async move {
-            if conn.sender.ready().await.is_ok() {
+            let current = pool.generation.load(Ordering::Acquire);
+            if conn.sender.ready().await.is_ok() && conn.generation == current {
                 conn.idle_since = Instant::now();
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < MAX_IDLE {
@@ -79,10 +88,18 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// The current generation, for a connection about to be opened.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
 /// HTTP/1.1 handshake on a fresh connection; the driver task keeps it counted as open.
 pub async fn handshake(
     io: BackendIo,
     server: &str,
+    generation: u64,
     metrics: &UpstreamMetrics,
 ) -> Result<Conn, hyper::Error> {
     let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
@@ -98,5 +115,6 @@ pub async fn handshake(
         sender,
         driver: Some(driver),
         idle_since: Instant::now(),
+        generation,
     })
 }

@@ -131,12 +131,17 @@ impl Pool {
             return Some(c.lease());
         }
         if conns.len() >= self.max_connections {
-            return conns
-                .iter()
-                .min_by_key(|c| c.active.load(Ordering::Acquire))
-                .map(|c| c.lease());
+            return least_busy(&conns);
         }
         None
+    }
+
+    /// A slot on the least busy open connection, past its stream limit (the stream waits in
+    /// h2 for a free one): when no further connection can be opened.
+    fn lease_least_busy(&self) -> Option<Lease> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| c.usable());
+        least_busy(&conns)
     }
 
     /// A stream slot on an open connection, opening one with `connect` when all are full.
@@ -154,7 +159,7 @@ impl Pool {
             return Ok(l);
         }
         if self.failed_attempts.load(Ordering::Acquire) != failures_before {
-            return Err(LeaseError::FailedMeanwhile);
+            return self.lease_least_busy().ok_or(LeaseError::FailedMeanwhile);
         }
         match connect().await {
             Ok(conn) => {
@@ -168,10 +173,25 @@ impl Pool {
             }
             Err(e) => {
                 self.failed_attempts.fetch_add(1, Ordering::AcqRel);
-                Err(LeaseError::Connect(e))
+                // An extra connection failed, but the open ones still work: queue there
+                // rather than fail a request they can carry.
+                match self.lease_least_busy() {
+                    Some(l) => {
+                        tracing::debug!(error = %e.1, "extra backend HTTP/2 connection failed; using an open one");
+                        Ok(l)
+                    }
+                    None => Err(LeaseError::Connect(e)),
+                }
             }
         }
     }
+}
+
+fn least_busy(conns: &[Arc<Conn>]) -> Option<Lease> {
+    conns
+        .iter()
+        .min_by_key(|c| c.active.load(Ordering::Acquire))
+        .map(|c| c.lease())
 }
 
 /// HTTP/2 handshake on a fresh connection. Returns once the server's SETTINGS have been

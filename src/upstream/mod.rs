@@ -321,11 +321,12 @@ impl Upstream {
             let mut conn = match reused.take() {
                 Some(c) => c,
                 None => {
+                    let generation = server.h1.generation();
                     let io = match self.connect(server).await {
                         Ok(io) => io,
                         Err(f) => return Err(Attempt::NoConnection(req, f)),
                     };
-                    match h1::handshake(io, &server.addr, &self.metrics).await {
+                    match h1::handshake(io, &server.addr, generation, &self.metrics).await {
                         Ok(c) => c,
                         Err(e) => {
                             let f = (UpstreamErrorKind::Protocol, std::io::Error::other(e));

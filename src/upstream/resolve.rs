@@ -1,6 +1,6 @@
 //! Upstream upkeep in the background, for as long as the upstream exists: host names in
-//! `servers` are resolved again every `EVERY`, and when a name's addresses change, the pooled
-//! connections to the old ones stop taking requests (new connections resolve afresh); idle
+//! `servers` are resolved again every `EVERY`, and when a name's set of addresses changes,
+//! the pooled connections to it stop taking requests (new connections resolve afresh); idle
 //! HTTP/1.1 connections past their idle timeout are closed rather than held until reuse.
 
 use super::Server;
@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 pub const EVERY: Duration = Duration::from_secs(30);
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The addresses a server's name resolved to last time; `None` until the first lookup.
 #[derive(Default)]
@@ -47,7 +48,13 @@ pub fn spawn(upstream: String, servers: &[Arc<Server>]) {
                 if !is_name(&server.addr) {
                     continue;
                 }
-                match tokio::net::lookup_host(server.addr.as_str()).await {
+                let lookup = tokio::time::timeout(
+                    LOOKUP_TIMEOUT,
+                    tokio::net::lookup_host(server.addr.as_str()),
+                )
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::other("lookup timed out")));
+                match lookup {
                     Ok(addrs) => {
                         let addrs: BTreeSet<SocketAddr> = addrs.collect();
                         if server.resolved.changed(addrs.clone()) {
