@@ -124,8 +124,8 @@ async fn serve(
     admin: Option<SocketAddr>,
     upstream: Option<String>,
 ) -> anyhow::Result<i32> {
-    let config = match path {
-        Some(p) => Config::load(&p)?,
+    let config = match &path {
+        Some(p) => Config::load(p)?,
         None => {
             let issued =
                 certgen::self_signed(&["localhost".into(), "127.0.0.1".into(), "::1".into()])
@@ -146,9 +146,13 @@ async fn serve(
             )?
         }
     };
-    let server = Server::bind(config).await?;
+    let mut server = Server::bind(config).await?;
+    if let Some(p) = path {
+        server = server.reload_from(p);
+    }
     let (tx, rx) = watch::channel(0u32);
     tokio::spawn(count_signals(tx));
+    tokio::spawn(reload_on_sighup(server.reload_handle()));
     Ok(if server.run(rx).await { 0 } else { 1 })
 }
 
@@ -171,6 +175,19 @@ async fn count_signals(tx: watch::Sender<u32>) {
         };
         tracing::info!(signal = name, "stop requested");
         tx.send_modify(|n| *n += 1);
+    }
+}
+
+/// SIGHUP reloads the config file and certificates (the outcome is logged by the server).
+async fn reload_on_sighup(reload: crate::reload::ReloadHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload with POST /reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(signal = "SIGHUP", "reload requested");
+        let _ = reload.reload().await;
     }
 }
 

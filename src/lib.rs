@@ -17,6 +17,7 @@ pub mod listener;
 pub mod loadgen;
 mod log_limit;
 pub mod metrics;
+pub mod reload;
 pub mod tls;
 pub mod upstream;
 
@@ -61,7 +62,11 @@ pub struct Prepared {
 impl Prepared {
     /// Load every certificate and build every TLS policy.
     pub fn new(config: Config) -> Result<Prepared, StartError> {
-        let metrics = Metrics::new();
+        Prepared::with_metrics(config, Metrics::new())
+    }
+
+    /// The same, registering into existing `metrics` (a reload: counters carry on).
+    pub fn with_metrics(config: Config, metrics: Metrics) -> Result<Prepared, StartError> {
         let upstreams = listener::upstreams(&config, &metrics)?;
         let listeners = config
             .listeners
@@ -79,19 +84,34 @@ impl Prepared {
 /// A bound proxy: listeners and admin have addresses; nothing is served until `run`.
 pub struct Server {
     config: Config,
+    /// The file the config came from; `None` for the embedded default (no reload).
+    config_path: Option<std::path::PathBuf>,
     metrics: Metrics,
     listeners: Vec<BoundListener>,
     admin: admin::Admin,
+    reload: reload::ReloadHandle,
+    reload_rx: tokio::sync::mpsc::Receiver<reload::ReloadRequest>,
+}
+
+/// A listener while the server runs.
+struct Live {
+    name: String,
+    /// As configured (port 0 stays 0), to match it against a reloaded config.
+    bind: SocketAddr,
+    local_addr: SocketAddr,
+    state: std::sync::Arc<arc_swap::ArcSwap<PreparedListener>>,
+    stop: watch::Sender<bool>,
 }
 
 impl Server {
     /// Prepare and bind everything; logs each bound address (port 0 resolves here).
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let metrics = Metrics::new();
         let Prepared {
             config,
             metrics,
             listeners,
-        } = Prepared::new(config)?;
+        } = Prepared::with_metrics(config, metrics)?;
         let mut bound = Vec::new();
         for p in listeners {
             let (name, addr) = (p.cfg.name.clone(), p.cfg.bind);
@@ -111,20 +131,35 @@ impl Server {
                 addr: admin_addr,
                 source,
             })?;
-        tracing::info!(addr = %admin.local_addr, "admin listening (/metrics, /healthz, /readyz)");
+        tracing::info!(addr = %admin.local_addr, "admin listening (/metrics, /healthz, /readyz, POST /reload)");
+        let (reload, reload_rx) = reload::ReloadHandle::new();
         Ok(Server {
             config,
+            config_path: None,
             metrics,
             listeners: bound,
             admin,
+            reload,
+            reload_rx,
         })
+    }
+
+    /// Reload from `path` on SIGHUP or `POST /reload` (the file the config was read from).
+    pub fn reload_from(mut self, path: std::path::PathBuf) -> Server {
+        self.config_path = Some(path);
+        self
+    }
+
+    /// Asks the running server to reload (SIGHUP does this).
+    pub fn reload_handle(&self) -> reload::ReloadHandle {
+        self.reload.clone()
     }
 
     /// `(listener name, bound address)` for each listener.
     pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .map(|l| (l.name().to_string(), l.local_addr))
+            .map(|l| (l.name(), l.local_addr))
             .collect()
     }
 
@@ -138,35 +173,95 @@ impl Server {
 
     /// Serve until `signals` counts one stop request; then stop accepting, let in-flight
     /// requests finish for up to `shutdown_grace`, and return. A second stop request during
-    /// the drain returns at once.
+    /// the drain returns at once. Reload requests are applied as they come.
     ///
     /// Returns false when a listener's accept loop ended on its own (a bug or a fatal socket
     /// error): the proxy then drains and the binary exits non-zero, so a supervisor restarts it.
     pub async fn run(self, mut signals: watch::Receiver<u32>) -> bool {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let Server {
+            mut config,
+            config_path,
+            metrics,
+            listeners,
+            admin,
+            reload,
+            mut reload_rx,
+        } = self;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let tracker = TaskTracker::new();
         let mut accept_loops = tokio::task::JoinSet::new();
-        for l in self.listeners {
-            accept_loops.spawn(l.run(stop_rx.clone(), tracker.clone()));
+        let mut live = Vec::new();
+        let mut cert_series = metrics.certificates_changed(&[], &listeners_certs(&listeners));
+        for l in listeners {
+            live.push(start_listener(
+                l,
+                &mut accept_loops,
+                shutdown_rx.clone(),
+                &tracker,
+            ));
         }
-        let admin = tokio::spawn(self.admin.run(self.metrics.clone(), stop_rx.clone()));
+        let admin = tokio::spawn(admin.run(
+            metrics.clone(),
+            shutdown_rx.clone(),
+            Some(reload),
+            config.admin.token_file.clone(),
+        ));
 
         let mut clean = true;
-        tokio::select! {
-            stopped = async { signals.wait_for(|n| *n >= 1).await.is_ok() } => {
-                if !stopped {
-                    // The signal source is gone without a stop request: serve until killed.
-                    std::future::pending::<()>().await;
+        loop {
+            tokio::select! {
+                stopped = async { signals.wait_for(|n| *n >= 1).await.is_ok() } => {
+                    if !stopped {
+                        // The signal source is gone without a stop request: serve until killed.
+                        std::future::pending::<()>().await;
+                    }
+                    break;
+                }
+                Some(req) = reload_rx.recv() => {
+                    let result = match &config_path {
+                        None => Err(reload::ReloadError::NoConfigFile),
+                        Some(path) => apply_reload(
+                            path,
+                            &metrics,
+                            &mut config,
+                            &mut live,
+                            &mut cert_series,
+                            &mut accept_loops,
+                            &shutdown_rx,
+                            &tracker,
+                        ),
+                    };
+                    match &result {
+                        Ok(summary) => {
+                            metrics.config_reload(true);
+                            tracing::info!(%summary, "config reloaded");
+                        }
+                        Err(e) => {
+                            metrics.config_reload(false);
+                            tracing::error!(error = %e, "config reload failed; the previous config keeps serving");
+                        }
+                    }
+                    let _ = req.reply.send(result);
+                }
+                Some(ended) = accept_loops.join_next() => {
+                    match ended {
+                        // A listener a reload removed.
+                        Ok(name) if !live.iter().any(|l| l.name == name) => continue,
+                        other => {
+                            tracing::error!(result = ?other, "a listener stopped accepting unexpectedly; shutting down");
+                            clean = false;
+                            break;
+                        }
+                    }
                 }
             }
-            Some(ended) = accept_loops.join_next() => {
-                tracing::error!(result = ?ended, "a listener stopped accepting unexpectedly; shutting down");
-                clean = false;
-            }
         }
-        let grace = self.config.shutdown_grace;
+        let grace = config.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections; draining in-flight requests");
-        let _ = stop_tx.send(true);
+        let _ = shutdown_tx.send(true);
+        for l in &live {
+            let _ = l.stop.send(true);
+        }
         while accept_loops.join_next().await.is_some() {}
         tracker.close();
         tokio::select! {
@@ -177,6 +272,131 @@ impl Server {
         admin.abort();
         clean
     }
+}
+
+fn start_listener(
+    l: BoundListener,
+    accept_loops: &mut tokio::task::JoinSet<String>,
+    shutdown: watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) -> Live {
+    let (stop, stop_rx) = watch::channel(false);
+    let cfg = &l.state.load().cfg;
+    let entry = Live {
+        name: cfg.name.clone(),
+        bind: cfg.bind,
+        local_addr: l.local_addr,
+        state: l.state.clone(),
+        stop,
+    };
+    let name = entry.name.clone();
+    let tracker2 = tracker.clone();
+    accept_loops.spawn(async move {
+        l.run(stop_rx, shutdown, tracker2).await;
+        name
+    });
+    entry
+}
+
+/// `(listener, certificate label, expiry)` of every certificate of `listeners`.
+fn listeners_certs(listeners: &[BoundListener]) -> Vec<(String, String, i64)> {
+    listeners
+        .iter()
+        .flat_map(|l| prepared_certs(&l.state.load()))
+        .collect()
+}
+
+fn prepared_certs(p: &PreparedListener) -> Vec<(String, String, i64)> {
+    p.tls
+        .certificates
+        .iter()
+        .zip(&p.cfg.tls.certificates)
+        .map(|(c, src)| {
+            // The certificate's first DNS name: a bounded set from the config, never a
+            // client's SNI. A certificate without one is named by its file.
+            let label = c
+                .names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| src.cert.to_string());
+            (p.cfg.name.clone(), label, c.not_after)
+        })
+        .collect()
+}
+
+/// Load `path` and apply it to the running listeners, or change nothing.
+#[allow(clippy::too_many_arguments)]
+fn apply_reload(
+    path: &std::path::Path,
+    metrics: &Metrics,
+    config: &mut Config,
+    live: &mut Vec<Live>,
+    cert_series: &mut Vec<(String, String)>,
+    accept_loops: &mut tokio::task::JoinSet<String>,
+    shutdown: &watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) -> reload::ReloadResult {
+    let rejected = |e: &dyn std::fmt::Display| reload::ReloadError::Rejected(e.to_string());
+    let new_config = Config::load(path).map_err(|e| rejected(&e))?;
+    let prepared = Prepared::with_metrics(new_config, metrics.clone()).map_err(|e| rejected(&e))?;
+    // A listener keeps its socket when its address stays: the same configured address (for
+    // port 0, with the same name) or the address it is bound to now.
+    let same = |l: &Live, p: &PreparedListener| {
+        (l.bind == p.cfg.bind && (p.cfg.bind.port() != 0 || l.name == p.cfg.name))
+            || l.local_addr == p.cfg.bind
+    };
+    // Bind every new address before changing anything, so a failure changes nothing.
+    let mut swaps = Vec::new();
+    let mut added = Vec::new();
+    for p in prepared.listeners {
+        match live.iter().position(|l| same(l, &p)) {
+            Some(i) => swaps.push((i, p)),
+            None => {
+                let (name, addr) = (p.cfg.name.clone(), p.cfg.bind);
+                let bound = p.bind().map_err(|e| {
+                    reload::ReloadError::Rejected(format!(
+                        "cannot bind listener '{name}' on {addr}: {e}"
+                    ))
+                })?;
+                added.push(bound);
+            }
+        }
+    }
+    if prepared.config.admin.bind != config.admin.bind {
+        tracing::warn!(old = %config.admin.bind, new = %prepared.config.admin.bind, "admin.bind changes only at restart");
+    }
+    let mut certs = Vec::new();
+    let mut kept = vec![false; live.len()];
+    for (i, mut p) in swaps {
+        kept[i] = true;
+        p.succeed(&live[i].state.load());
+        certs.extend(prepared_certs(&p));
+        live[i].name = p.cfg.name.clone();
+        live[i].bind = p.cfg.bind;
+        live[i].state.store(std::sync::Arc::new(p));
+    }
+    let mut i = 0;
+    live.retain(|l| {
+        let keep = kept[i];
+        i += 1;
+        if !keep {
+            tracing::info!(listener = %l.name, addr = %l.local_addr, "listener removed by reload; its connections finish");
+            let _ = l.stop.send(true);
+        }
+        keep
+    });
+    for l in added {
+        certs.extend(prepared_certs(&l.state.load()));
+        tracing::info!(listener = %l.name(), addr = %l.local_addr, "listening (TLS 1.3)");
+        live.push(start_listener(l, accept_loops, shutdown.clone(), tracker));
+    }
+    *cert_series = metrics.certificates_changed(cert_series, &certs);
+    *config = prepared.config;
+    let summary: Vec<String> = live
+        .iter()
+        .map(|l| format!("listener '{}' {}", l.name, l.local_addr))
+        .collect();
+    Ok(summary.join("; "))
 }
 
 /// Human-readable effective policy, printed by `ephemera check`.

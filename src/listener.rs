@@ -10,6 +10,7 @@ use crate::metrics::{ListenerMetrics, Metrics};
 use crate::tls::TlsAcceptor;
 use crate::tls::accept::TlsSetupError;
 use crate::upstream::{Upstream, UpstreamSetupError};
+use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,17 +20,20 @@ use tokio_util::task::TaskTracker;
 
 const BACKLOG: u32 = 1024;
 
-/// A listener with its TLS built (certificates loaded), not yet bound.
+/// A listener with its TLS built (certificates loaded), not yet bound. Once bound, what its
+/// new connections use; a reload swaps in a new one, and live connections keep the old.
 pub struct PreparedListener {
     pub cfg: ListenerConfig,
     pub tls: Arc<TlsAcceptor>,
     http: Arc<ListenerHttp>,
     metrics: ListenerMetrics,
+    /// `max_connections` permits; kept across a reload that does not change it.
+    limit: Arc<Semaphore>,
 }
 
 /// A bound listener, ready to accept.
 pub struct BoundListener {
-    prepared: PreparedListener,
+    pub state: Arc<ArcSwap<PreparedListener>>,
     tcp: TcpListener,
     pub local_addr: SocketAddr,
 }
@@ -55,7 +59,16 @@ impl PreparedListener {
             tls: Arc::new(tls),
             http: Arc::new(http),
             metrics: lm,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
         })
+    }
+
+    /// Replacing `old` on a live listener: connections already open hold permits of the
+    /// old limit, so an unchanged `max_connections` keeps the same one.
+    pub fn succeed(&mut self, old: &PreparedListener) {
+        if self.cfg.max_connections == old.cfg.max_connections {
+            self.limit = old.limit.clone();
+        }
     }
 
     pub fn bind(self) -> std::io::Result<BoundListener> {
@@ -73,7 +86,7 @@ impl PreparedListener {
         let tcp = socket.listen(BACKLOG)?;
         let local_addr = tcp.local_addr()?;
         Ok(BoundListener {
-            prepared: self,
+            state: Arc::new(ArcSwap::from_pointee(self)),
             tcp,
             local_addr,
         })
@@ -92,30 +105,39 @@ pub fn upstreams(
 }
 
 impl BoundListener {
-    pub fn name(&self) -> &str {
-        &self.prepared.cfg.name
+    pub fn name(&self) -> String {
+        self.state.load().cfg.name.clone()
     }
 
-    /// Accept until `shutdown` turns true. Connection tasks go on `tracker` so the caller can
-    /// wait for them to drain.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>, tracker: TaskTracker) {
+    /// Accept until `stop` turns true (the proxy shuts down, or a reload removed this
+    /// listener). Connections get `shutdown` (true when the proxy drains) and go on
+    /// `tracker` so the caller can wait for them to drain.
+    pub async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
+        tracker: TaskTracker,
+    ) {
         let BoundListener {
-            prepared,
+            state,
             tcp,
             local_addr,
         } = self;
-        let limit = Arc::new(Semaphore::new(prepared.cfg.max_connections));
         let log = LogLimiter::new(Duration::from_secs(10), 5);
         let mut backoff = Duration::ZERO;
         loop {
+            if *stop.borrow_and_update() {
+                break;
+            }
             // At the cap we stop accepting; the kernel backlog holds new clients meanwhile.
+            let limit = state.load().limit.clone();
             let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.changed() => break,
+                p = limit.acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => continue,
             };
             let accepted = tokio::select! {
                 a = tcp.accept() => a,
-                _ = shutdown.changed() => break,
+                _ = stop.changed() => continue,
             };
             let (sock, peer) = match accepted {
                 Ok(a) => {
@@ -127,17 +149,19 @@ impl BoundListener {
                     // of spinning on an accept that fails at once.
                     backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
                     if let Some(suppressed) = log.allow() {
-                        tracing::warn!(listener = %prepared.cfg.name, %local_addr, error = %e, retry_in = ?backoff, suppressed_since_last = suppressed, "accept failed");
+                        tracing::warn!(listener = %state.load().cfg.name, %local_addr, error = %e, retry_in = ?backoff, suppressed_since_last = suppressed, "accept failed");
                     }
                     drop(permit);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => continue,
-                        _ = shutdown.changed() => break,
+                        _ = stop.changed() => continue,
                     }
                 }
             };
             #[cfg(not(target_os = "linux"))]
             let _ = sock.set_nodelay(true);
+            // Read after the accept: a reload while we waited applies to this connection.
+            let prepared = state.load();
             let tls = prepared.tls.clone();
             let http = prepared.http.clone();
             let open = prepared.metrics.connection_opened();
@@ -150,6 +174,6 @@ impl BoundListener {
                 }
             });
         }
-        tracing::info!(listener = %prepared.cfg.name, %local_addr, "stopped accepting");
+        tracing::info!(listener = %state.load().cfg.name, %local_addr, "stopped accepting");
     }
 }

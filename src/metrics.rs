@@ -170,6 +170,8 @@ pub struct Metrics {
     h2_streams_open: IntGaugeVec,
     h2_streams: IntCounterVec,
     h2_goaways: IntCounterVec,
+    config_reloads: IntCounterVec,
+    certificate_expiry: IntGaugeVec,
     key_updates: IntCounterVec,
     key_update_failures: IntCounterVec,
     key_updates_deferred: IntCounterVec,
@@ -214,7 +216,7 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
         .expect("process collector registered once");
-        Metrics {
+        let m = Metrics {
             handshakes: counter_vec(
                 &r,
                 "ephemera_tls_handshakes_total",
@@ -313,6 +315,18 @@ impl Metrics {
                 "HTTP/2 client streams (requests) received.",
                 &["listener"],
             ),
+            config_reloads: counter_vec(
+                &r,
+                "ephemera_config_reloads_total",
+                "Config reloads (SIGHUP or POST /reload) by result: ok, or error (the previous config kept serving).",
+                &["result"],
+            ),
+            certificate_expiry: gauge_vec(
+                &r,
+                "ephemera_tls_certificate_expiry_timestamp_seconds",
+                "notAfter of each configured certificate (Unix time), by listener and the certificate's first DNS name.",
+                &["listener", "certificate"],
+            ),
             h2_goaways: counter_vec(
                 &r,
                 "ephemera_h2_goaways_sent_total",
@@ -372,7 +386,12 @@ impl Metrics {
                 (0..14).map(|k| 1024.0 * 4f64.powi(k)).collect(),
             ),
             registry: r,
+        };
+        // Both results exist from the start, so an alert on errors sees a 0, not nothing.
+        for result in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[result]);
         }
+        m
     }
 
     /// The registry in Prometheus text exposition format.
@@ -451,6 +470,33 @@ impl Metrics {
                     .collect(),
             }),
         }
+    }
+
+    /// A reload finished: `ok` or not.
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Set the expiry of each `(listener, certificate, not_after)` now configured and drop
+    /// the series of certificates no longer configured (`old`, as returned last time).
+    pub fn certificates_changed(
+        &self,
+        old: &[(String, String)],
+        now: &[(String, String, i64)],
+    ) -> Vec<(String, String)> {
+        let current: Vec<(String, String)> =
+            now.iter().map(|(l, c, _)| (l.clone(), c.clone())).collect();
+        for (l, c) in old {
+            if !current.contains(&(l.clone(), c.clone())) {
+                let _ = self.certificate_expiry.remove_label_values(&[l, c]);
+            }
+        }
+        for (l, c, t) in now {
+            self.certificate_expiry.with_label_values(&[l, c]).set(*t);
+        }
+        current
     }
 
     /// Resolve every per-upstream handle once. `protocol` is the upstream's protocol name.

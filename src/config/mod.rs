@@ -48,6 +48,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// When set, `POST /reload` needs `Authorization: Bearer <the file's content>`.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

@@ -27,6 +27,8 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub bind: Option<S<String>>,
+    #[serde(default)]
+    pub token_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -131,8 +131,16 @@ pub(super) fn validate(raw: raw::RawConfig, file: &str) -> Result<Config, Config
         listeners.push(v);
     }
 
+    let token_file = raw
+        .admin
+        .as_ref()
+        .and_then(|a| a.token_file.as_ref())
+        .map(|t| PathBuf::from(t.value.trim()));
     Ok(Config {
-        admin: AdminConfig { bind: admin_bind },
+        admin: AdminConfig {
+            bind: admin_bind,
+            token_file,
+        },
         shutdown_grace,
         listeners,
         upstreams,
@@ -721,7 +729,10 @@ impl Config {
             }
         };
         Ok(Config {
-            admin: AdminConfig { bind: admin },
+            admin: AdminConfig {
+                bind: admin,
+                token_file: None,
+            },
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             listeners: vec![ListenerConfig {
                 name: "default".to_string(),

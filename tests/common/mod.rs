@@ -134,7 +134,20 @@ impl Proxy {
     }
 
     pub async fn start_config(config: Config) -> Proxy {
-        let server = Server::bind(config).await.unwrap();
+        Proxy::run(Server::bind(config).await.unwrap())
+    }
+
+    /// From a config file, reloadable (`POST /reload` re-reads `path`).
+    pub async fn start_file(path: &Path) -> Proxy {
+        let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        let server = Server::bind(config)
+            .await
+            .unwrap()
+            .reload_from(path.to_path_buf());
+        Proxy::run(server)
+    }
+
+    fn run(server: Server) -> Proxy {
         let addr = server.listener_addrs()[0].1;
         let admin = server.admin_addr();
         let (stop, rx) = watch::channel(0);
@@ -165,9 +178,21 @@ impl Drop for Proxy {
 
 /// Plain HTTP/1.1 GET against the admin listener: (status, body).
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    admin_request(addr, "GET", path, &[]).await
+}
+
+/// Any request against the admin listener, with extra header lines: (status, body).
+pub async fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();
