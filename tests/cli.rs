@@ -107,10 +107,20 @@ struct Serve {
 
 impl Serve {
     async fn start(extra: &[&str]) -> Serve {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Serve::spawn(&args).await
+    }
+
+    /// `serve --config FILE` (the file must bind the listener and admin to port 0).
+    async fn start_config(path: &Path) -> Serve {
+        Serve::spawn(&["--config", path.to_str().unwrap()]).await
+    }
+
+    async fn spawn(args: &[&str]) -> Serve {
         let mut child = Command::new(bin())
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(extra)
+            .args(args)
             .env("EPHEMERA_LOG", "info")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -159,12 +169,16 @@ impl Serve {
     }
 
     fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, which: &str) {
         let pid = self.child.id().expect("still running").to_string();
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([which, &pid])
             .status()
             .unwrap();
-        assert!(status.success(), "kill -TERM {pid} failed");
+        assert!(status.success(), "kill {which} {pid} failed");
     }
 
     fn running(&mut self) -> bool {
@@ -463,6 +477,7 @@ fn example_config_mentions_every_key() {
         "keepalive_timeout",
         "ca",
         "server_name",
+        "token_file",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))
@@ -711,4 +726,53 @@ async fn accept_backs_off_on_emfile_and_recovers() {
     assert!(serve.running());
     serve.sigterm();
     assert!(serve.exit_within(Duration::from_secs(10)).await.success());
+}
+
+/// SIGHUP reloads the config file: a broken file is refused with a log line naming the
+/// problem and the proxy keeps serving; a good one is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file() {
+    let certs = Certs::new(&["localhost"]);
+    let yaml = config_yaml(&certs, None, "", "", "");
+    let path = certs.dir.path().join("ephemera.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let mut serve = Serve::start_config(&path).await;
+
+    let wait_log = |serve: &Serve, needle: &'static str| {
+        let log = serve.log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = log.lock().unwrap().clone();
+                if text.contains(needle) {
+                    return text;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no '{needle}' in the log:\n{text}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    std::fs::write(&path, yaml.clone() + "surprise: 1\n").unwrap();
+    serve.signal("-HUP");
+    let log = wait_log(&serve, "config reload failed").await;
+    assert!(log.contains("surprise"), "{log}");
+    let mut c = HttpClient::connect(serve.addr, &certs.ca_der(), true).await;
+    assert_eq!(c.get("/").await.0, 200, "still serving");
+
+    std::fs::write(&path, &yaml).unwrap();
+    serve.signal("-HUP");
+    wait_log(&serve, "config reloaded").await;
+    let m = admin_get(serve.admin, "/metrics").await.1;
+    assert_eq!(
+        metric(&m, "ephemera_config_reloads_total", &["result=\"ok\""]),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "ephemera_config_reloads_total", &["result=\"error\""]),
+        1.0
+    );
+    assert!(serve.running());
 }
