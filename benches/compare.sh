@@ -244,6 +244,8 @@ listeners:
       certificates:
         - { cert: $CRT, key: $KEY }
       groups: [x25519, secp256r1, secp384r1]
+    http:
+      access_log: false   # as nginx's "access_log off" and HAProxy without "option httplog"
     routes:
       - { host: "*", path_prefix: /, $EPH_ROUTE }
 upstreams:

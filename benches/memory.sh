@@ -190,6 +190,7 @@ listeners:
       groups: [x25519, secp256r1, secp384r1]
     http:
       idle_timeout: ${IDLE}s
+      access_log: false
     routes:
       - { host: "*", path_prefix: /, respond: { status: 200, body: "ok\n" } }
 EOF

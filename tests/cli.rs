@@ -195,10 +195,11 @@ impl Serve {
 
 /// The `addr=IP:PORT` field of the first log line containing `message`.
 fn logged_addr(log: &str, message: &str) -> Option<SocketAddr> {
-    log.lines()
-        .find(|l| l.contains(message))?
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("addr="))?
+    let line = log.lines().find(|l| l.contains(message))?;
+    // Text: `addr=IP:PORT`; JSON (`--log-format json`): `"addr":"IP:PORT"`.
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("addr="))
+        .or_else(|| line.split("\"addr\":\"").nth(1)?.split('"').next())?
         .parse()
         .ok()
 }
@@ -478,6 +479,7 @@ fn example_config_mentions_every_key() {
         "ca",
         "server_name",
         "token_file",
+        "access_log",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))
@@ -775,4 +777,81 @@ async fn sighup_reloads_the_config_file() {
         1.0
     );
     assert!(serve.running());
+}
+
+/// One JSON access log line per request with `--log-format json`: method, path without the
+/// query, status, bytes, durations, listener, upstream, TLS group, key updates so far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_json_line_per_request_without_the_query() {
+    let backend = start_backend().await;
+    let upstream = format!("http://{backend}");
+    let serve = Serve::start(&["--upstream", &upstream, "--log-format", "json"]).await;
+    let tls = tls_connect(
+        serve.addr,
+        "localhost",
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(
+                ephemera::loadgen::client_tls::SignatureOnly::new(
+                    provider().signature_verification_algorithms,
+                ),
+            ))
+            .with_no_client_auth(),
+    )
+    .await
+    .unwrap();
+    let mut c = HttpClient::over(tls, false).await;
+    let (status, _, body) = c.get("/bytes/1234?token=SECRET").await;
+    assert_eq!((status, body.len()), (200, 1234));
+    let line = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = serve.log();
+            if let Some(l) = log.lines().find(|l| l.contains("\"ephemera::access\"")) {
+                break l.to_string();
+            }
+            assert!(Instant::now() < deadline, "no access line:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert!(
+        !serve.log().contains("SECRET"),
+        "the query string was logged"
+    );
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let f = &v["fields"];
+    assert_eq!(f["method"], "GET", "{line}");
+    assert_eq!(f["path"], "/bytes/1234");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["bytes_sent"], 1234);
+    assert_eq!(f["complete"], true);
+    assert_eq!(f["listener"], "default");
+    assert_eq!(f["upstream"], "default");
+    assert_eq!(f["tls_group"], "x25519");
+    assert_eq!(f["key_updates"], 0);
+    assert_eq!(f["version"], "HTTP/1.1");
+    assert!(f["total_ms"].as_f64().unwrap() >= f["head_ms"].as_f64().unwrap());
+    assert_eq!(
+        serve.log().matches("\"ephemera::access\"").count(),
+        1,
+        "one line per request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_can_be_turned_off() {
+    let certs = Certs::new(&["localhost"]);
+    let path = certs.dir.path().join("ephemera.yaml");
+    std::fs::write(
+        &path,
+        config_yaml(&certs, None, "", "      access_log: false\n", ""),
+    )
+    .unwrap();
+    let serve = Serve::spawn(&["--config", path.to_str().unwrap(), "--log-format", "json"]).await;
+    let mut c = HttpClient::connect(serve.addr, &certs.ca_der(), true).await;
+    assert_eq!(c.get("/").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!serve.log().contains("ephemera::access"), "{}", serve.log());
 }

@@ -172,6 +172,8 @@ pub struct HttpConfig {
     /// Peers whose X-Forwarded-For / Forwarded headers are kept and appended to.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub h2: H2Limits,
+    /// One log line per request (target `ephemera::access`).
+    pub access_log: bool,
 }
 
 /// HTTP/2 server limits for one listener (`listeners[].http.h2`).

@@ -121,6 +121,8 @@ pub struct RawHttp {
     pub trusted_proxies: Vec<S<String>>,
     #[serde(default)]
     pub h2: Option<S<RawH2>>,
+    #[serde(default)]
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -333,6 +333,7 @@ fn http(cx: &Ctx, key: &str, h: Option<&raw::RawHttp>) -> Result<HttpConfig, Con
         max_request_body: None,
         trusted_proxies: Vec::new(),
         h2: None,
+        access_log: None,
     };
     let h = h.unwrap_or(&none);
     let max_request_body = match &h.max_request_body {
@@ -363,6 +364,7 @@ fn http(cx: &Ctx, key: &str, h: Option<&raw::RawHttp>) -> Result<HttpConfig, Con
         max_request_body,
         trusted_proxies,
         h2: h2_limits(cx, &format!("{key}.h2"), h.h2.as_ref())?,
+        access_log: h.access_log.unwrap_or(true),
     })
 }
 
@@ -765,6 +767,7 @@ impl Config {
                     max_request_body: DEFAULT_MAX_REQUEST_BODY,
                     trusted_proxies: Vec::new(),
                     h2: DEFAULT_H2_LIMITS,
+                    access_log: true,
                 },
                 routes: vec![RouteConfig {
                     host: HostMatch::Any,

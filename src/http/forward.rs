@@ -2,6 +2,7 @@
 //! backend (hop-by-hop headers, X-Forwarded-*, Forwarded, Host), send it through `upstream`,
 //! and map backend failures to 502/504. Bodies stream both ways; none is buffered whole.
 
+use super::access::AccessEntry;
 use super::activity::{Activity, RequestGuard};
 use super::route::{host_of, target_authority};
 use super::server::ListenerHttp;
@@ -33,6 +34,8 @@ pub struct ConnContext {
     pub activity: Arc<Activity>,
     /// Turns true when the proxy starts shutting down (WebSocket relays then close).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Forced key updates on this connection so far (for the access log).
+    pub key_updates: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus Proxy-Authorization/Authenticate, which are
@@ -62,11 +65,22 @@ pub async fn handle(
     l: &ListenerHttp,
     c: &ConnContext,
 ) -> Response<ProxyBody> {
-    let guard = (
-        c.activity.begin(),
-        (req.version() == Version::HTTP_2).then(|| l.metrics.h2_stream()),
-    );
     let version = version_label(req.version());
+    let mut guard = Guards {
+        request: c.activity.begin(),
+        _h2_stream: (req.version() == Version::HTTP_2).then(|| l.metrics.h2_stream()),
+        access: l.cfg.access_log.then(|| {
+            Box::new(AccessEntry::new(
+                l.metrics.name(),
+                c.peer,
+                req.method(),
+                req.uri().path(),
+                version,
+                c.tls.group,
+                c.key_updates.clone(),
+            ))
+        }),
+    };
     // CONNECT tunnels are not proxied (the backend could be made an open relay); only the
     // extended CONNECT that carries a WebSocket is.
     if req.method() == http::Method::CONNECT && upgrade::requested(&req).is_none() {
@@ -75,15 +89,13 @@ pub async fn handle(
             header::ALLOW,
             HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
         );
-        l.metrics.http_request(version, resp.status().as_u16());
-        return resp.map(|b| GuardedBody::new(b, guard).boxed());
+        return answered(resp, version, l, guard);
     }
     let authority = match target_authority(&req) {
         Ok(a) => a,
         Err(why) => {
             let resp = simple(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
-            l.metrics.http_request(version, resp.status().as_u16());
-            return resp.map(|b| GuardedBody::new(b, guard).boxed());
+            return answered(resp, version, l, guard);
         }
     };
     let host = authority.as_ref().map(host_of);
@@ -97,8 +109,7 @@ pub async fn handle(
             StatusCode::MISDIRECTED_REQUEST,
             "this connection's certificate does not cover the requested host\n",
         );
-        l.metrics.http_request(version, resp.status().as_u16());
-        return resp.map(|b| GuardedBody::new(b, guard).boxed());
+        return answered(resp, version, l, guard);
     }
     let resp = match l.router.find(host, req.uri().path()) {
         None => simple(StatusCode::NOT_FOUND, "no route for this host and path\n"),
@@ -121,15 +132,42 @@ pub async fn handle(
             simple(status, text)
         }
         Some(RouteAction::Upstream(i)) => match l.upstreams.get(*i) {
-            Some(up) => forward(req, authority, up, l, c).await,
+            Some(up) => {
+                if let Some(a) = guard.access.as_mut() {
+                    a.upstream = Some(up.name().to_string());
+                }
+                forward(req, authority, up, l, c).await
+            }
             None => simple(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "route points at a missing upstream\n",
             ),
         },
     };
+    answered(resp, version, l, guard)
+}
+
+/// Count the response and wrap its body so that the request stays in flight (and its
+/// access log line waits) until the body has been sent.
+fn answered(
+    resp: Response<ProxyBody>,
+    version: &'static str,
+    l: &ListenerHttp,
+    mut guard: Guards,
+) -> Response<ProxyBody> {
     l.metrics.http_request(version, resp.status().as_u16());
+    if let Some(a) = guard.access.as_mut() {
+        a.head_sent(resp.status());
+    }
     resp.map(|b| GuardedBody::new(b, guard).boxed())
+}
+
+/// What a response body holds until it is dropped.
+struct Guards {
+    request: RequestGuard,
+    /// Held for its drop: the stream stops counting as open.
+    _h2_stream: Option<GaugeGuard>,
+    access: Option<Box<AccessEntry>>,
 }
 
 /// The built-in route's text: what this connection negotiated.
@@ -473,24 +511,29 @@ pin_project_lite::pin_project! {
     struct GuardedBody {
         #[pin]
         inner: ProxyBody,
-        guard: (RequestGuard, Option<GaugeGuard>),
+        guard: Guards,
         waiting: bool,
+        ended: bool,
     }
     impl PinnedDrop for GuardedBody {
         fn drop(this: Pin<&mut Self>) {
             if this.waiting {
-                this.guard.0.activity().body_done_waiting();
+                this.guard.request.activity().body_done_waiting();
+            }
+            if let Some(a) = &this.guard.access {
+                a.finish(this.ended || this.inner.is_end_stream());
             }
         }
     }
 }
 
 impl GuardedBody {
-    fn new(inner: ProxyBody, guard: (RequestGuard, Option<GaugeGuard>)) -> GuardedBody {
+    fn new(inner: ProxyBody, guard: Guards) -> GuardedBody {
         GuardedBody {
             inner,
             guard,
             waiting: false,
+            ended: false,
         }
     }
 }
@@ -503,14 +546,24 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let activity = this.guard.0.activity();
+        let activity = this.guard.request.activity();
         activity.body_pulled(std::mem::take(this.waiting));
-        let r = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && f.is_data()
-        {
-            *this.waiting = true;
-            activity.body_waiting();
+        let mut inner = this.inner;
+        let r = inner.as_mut().poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(a), Some(d)) = (this.guard.access.as_mut(), f.data_ref()) {
+                    a.bytes_sent += d.len() as u64;
+                }
+                if inner.is_end_stream() {
+                    *this.ended = true;
+                } else if f.is_data() {
+                    *this.waiting = true;
+                    activity.body_waiting();
+                }
+            }
+            Poll::Ready(None) => *this.ended = true,
+            _ => {}
         }
         r
     }
@@ -538,6 +591,7 @@ mod tests {
             trusted_peer: trusted,
             activity: Activity::new(),
             shutdown: tokio::sync::watch::channel(false).1,
+            key_updates: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! (`server`), route each request (`route`), and forward it to an upstream or answer it
 //! (`forward`), relaying WebSocket upgrades (`upgrade`). Sits between `tls` and `upstream`.
 
+pub mod access;
 pub mod activity;
 pub mod forward;
 pub mod route;

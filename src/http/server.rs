@@ -65,6 +65,7 @@ pub async fn serve_connection(
         trusted_peer: l.is_trusted(&peer),
         activity: activity.clone(),
         shutdown: shutdown.clone(),
+        key_updates: client.key_updates(),
     });
 
     let service = {

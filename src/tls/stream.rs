@@ -13,6 +13,8 @@ use crate::config::KeyUpdatePolicy;
 use crate::metrics::RekeyMetrics;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -46,6 +48,8 @@ pub struct ClientStream {
     on_drop: Option<oneshot::Sender<Closed>>,
     /// close_notify and FIN were sent (hyper shut the stream down itself).
     shut_down: bool,
+    /// Forced key updates so far, readable by the HTTP layer (access log).
+    updates_seen: Arc<AtomicU64>,
 }
 
 impl ClientStream {
@@ -68,8 +72,14 @@ impl ClientStream {
             accepted,
             on_drop: Some(tx),
             shut_down: false,
+            updates_seen: Arc::new(AtomicU64::new(0)),
         };
         (s, rx)
+    }
+
+    /// Forced key updates on this connection so far (shared, live).
+    pub fn key_updates(&self) -> Arc<AtomicU64> {
+        self.updates_seen.clone()
     }
 
     fn io(&mut self) -> Pin<&mut ServerTls> {
@@ -98,6 +108,8 @@ impl ClientStream {
             );
         }
         self.rekey.updated(trigger, result.is_ok(), &self.metrics);
+        self.updates_seen
+            .store(self.rekey.updates, std::sync::atomic::Ordering::Relaxed);
         self.flush_pending = true;
         self.flush_key_update(cx);
     }

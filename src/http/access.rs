@@ -1,0 +1,82 @@
+//! The access log: one line per request, written when its response has been sent (or
+//! abandoned), as a tracing event with target `ephemera::access` (so `--log-format json`
+//! makes it JSON). Fed by `forward`. The path is logged without its query string, and no
+//! header is: queries and headers carry credentials, and nothing secret is ever logged.
+
+use http::{Method, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// What is known of a request when it arrives; completed by `finish`.
+pub struct AccessEntry {
+    started: Instant,
+    listener: String,
+    peer: SocketAddr,
+    method: Method,
+    path: String,
+    version: &'static str,
+    group: &'static str,
+    key_updates: Arc<AtomicU64>,
+    pub status: StatusCode,
+    pub upstream: Option<String>,
+    /// Time to the response head (the backend's answer, for upstream routes).
+    pub head_after: Option<std::time::Duration>,
+    pub bytes_sent: u64,
+}
+
+impl AccessEntry {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        listener: &str,
+        peer: SocketAddr,
+        method: &Method,
+        path: &str,
+        version: &'static str,
+        group: &'static str,
+        key_updates: Arc<AtomicU64>,
+    ) -> AccessEntry {
+        AccessEntry {
+            started: Instant::now(),
+            listener: listener.to_string(),
+            peer,
+            method: method.clone(),
+            path: path.to_string(),
+            version,
+            group,
+            key_updates,
+            status: StatusCode::OK,
+            upstream: None,
+            head_after: None,
+            bytes_sent: 0,
+        }
+    }
+
+    pub fn head_sent(&mut self, status: StatusCode) {
+        self.status = status;
+        self.head_after = Some(self.started.elapsed());
+    }
+
+    /// Write the line. `complete`: the response body was sent to its end.
+    pub fn finish(&self, complete: bool) {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "ephemera::access",
+            listener = %self.listener,
+            client = %self.peer.ip().to_canonical(),
+            method = %self.method,
+            path = %self.path,
+            version = self.version,
+            status = self.status.as_u16(),
+            bytes_sent = self.bytes_sent,
+            complete,
+            head_ms = self.head_after.map(ms),
+            total_ms = ms(self.started.elapsed()),
+            upstream = self.upstream.as_deref().unwrap_or("-"),
+            tls_group = self.group,
+            key_updates = self.key_updates.load(Ordering::Relaxed),
+            "request"
+        );
+    }
+}
