@@ -411,8 +411,11 @@ pub fn describe(p: &Prepared) -> String {
         let cfg = &l.cfg;
         let _ = writeln!(
             out,
-            "listener '{}': {} (max_connections {})",
-            cfg.name, cfg.bind, cfg.max_connections
+            "listener '{}': {} (max_connections {}{})",
+            cfg.name,
+            cfg.bind,
+            cfg.max_connections,
+            if cfg.reuse_port { ", reuse_port" } else { "" }
         );
         let groups: Vec<_> = cfg.tls.groups.iter().map(|g| g.name()).collect();
         let suites: Vec<_> = tls::policy::CIPHER_SUITES

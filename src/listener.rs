@@ -79,6 +79,9 @@ impl PreparedListener {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        if self.cfg.reuse_port {
+            socket.set_reuseport(true)?;
+        }
         // Accepted sockets inherit TCP_NODELAY from the listening socket on Linux: one
         // setsockopt here instead of one per connection.
         socket.set_nodelay(true)?;

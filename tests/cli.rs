@@ -480,6 +480,7 @@ fn example_config_mentions_every_key() {
         "server_name",
         "token_file",
         "access_log",
+        "reuse_port",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))

@@ -438,3 +438,50 @@ async fn a_client_that_stops_reading_is_disconnected_after_idle_timeout() {
     assert_eq!(open, 0.0, "the stalled connection must be closed");
     drop(tls);
 }
+
+/// `reuse_port: true` (SO_REUSEPORT): a second process — here a second server — binds the
+/// same address and the kernel spreads new connections over both; without it the second
+/// bind fails with a clear error.
+#[tokio::test]
+async fn reuse_port_lets_two_servers_share_one_address() {
+    let certs = Certs::new(&["localhost"]);
+    let yaml = |bind: &str, body: &str, reuse: bool| {
+        config_yaml(&certs, None, "", "", "")
+            .replace(
+                "bind: 127.0.0.1:0\n    tls:",
+                &format!("bind: {bind}\n    reuse_port: {reuse}\n    tls:"),
+            )
+            .replace(
+                "respond: { status: 200 }",
+                &format!("respond: {{ status: 200, body: {body} }}"),
+            )
+    };
+    let a = Proxy::start(&yaml("127.0.0.1:0", "a", true)).await;
+    let shared = a.addr.to_string();
+    let refused = ephemera::Server::bind(
+        ephemera::config::Config::parse(&yaml(&shared, "c", false), "c.yaml").unwrap(),
+    )
+    .await;
+    let err = refused
+        .err()
+        .expect("a second bind without reuse_port fails")
+        .to_string();
+    assert!(
+        err.contains("listener 'public'") && err.contains(&shared),
+        "{err}"
+    );
+
+    let b = Proxy::start(&yaml(&shared, "b", true)).await;
+    assert_eq!(b.addr, a.addr);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        let mut c = HttpClient::connect(a.addr, &certs.ca_der(), false).await;
+        let (status, _, body) = c.get("/").await;
+        assert_eq!(status, 200);
+        seen.insert(String::from_utf8_lossy(&body).to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["a", "b"]);
+}

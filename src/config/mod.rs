@@ -57,6 +57,9 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
     pub max_connections: usize,
+    /// SO_REUSEPORT: several processes may listen on the same address (the kernel spreads
+    /// connections over them).
+    pub reuse_port: bool,
     pub tls: TlsConfig,
     pub http: HttpConfig,
     pub routes: Vec<RouteConfig>,

@@ -38,6 +38,8 @@ pub struct RawListener {
     pub bind: S<String>,
     #[serde(default)]
     pub max_connections: Option<S<u64>>,
+    #[serde(default)]
+    pub reuse_port: Option<bool>,
     pub tls: S<RawTls>,
     #[serde(default)]
     pub http: Option<RawHttp>,

@@ -204,6 +204,7 @@ fn listener(
         name,
         bind,
         max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        reuse_port: r.reuse_port.unwrap_or(false),
         tls,
         http,
         routes,
@@ -740,6 +741,7 @@ impl Config {
                 name: "default".to_string(),
                 bind: listen,
                 max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+                reuse_port: false,
                 tls: TlsConfig {
                     certificates: vec![CertificateSource {
                         cert: PemSource::Memory {
