@@ -17,6 +17,7 @@ pub mod listener;
 pub mod loadgen;
 mod log_limit;
 pub mod metrics;
+pub mod relay;
 pub mod reload;
 pub mod tls;
 pub mod upstream;

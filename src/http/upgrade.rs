@@ -5,21 +5,16 @@
 
 use super::activity::Activity;
 use crate::body::{ProxyBody, empty};
+use crate::relay::RelayEnd;
 use crate::upstream::Upstream;
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 /// What kind of upgrade a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +156,7 @@ async fn relay(
     client: OnUpgrade,
     backend: OnUpgrade,
     activity: Arc<Activity>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     idle: Duration,
 ) {
     let _busy = activity.begin();
@@ -172,77 +167,18 @@ async fn relay(
             return;
         }
     };
-    let last = Arc::new(AtomicU64::new(0));
-    let epoch = Instant::now();
-    let mut client = Watched::new(TokioIo::new(client), last.clone(), epoch);
-    let mut backend = Watched::new(TokioIo::new(backend), last.clone(), epoch);
-    let watchdog = async {
-        loop {
-            let since = Duration::from_millis(last.load(Ordering::Relaxed));
-            let deadline = epoch + since + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    };
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "WebSocket relay ended with an error");
-            }
-        }
-        _ = watchdog => tracing::debug!("WebSocket relay idle for idle_timeout; closing"),
-        _ = shutdown.wait_for(|s| *s) => tracing::debug!("shutting down; closing WebSocket relay"),
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Notes the time of every read, for the relay's idle watchdog.
-    struct Watched<T> {
-        #[pin]
-        inner: T,
-        last: Arc<AtomicU64>,
-        epoch: Instant,
-    }
-}
-
-impl<T> Watched<T> {
-    fn new(inner: T, last: Arc<AtomicU64>, epoch: Instant) -> Self {
-        Watched { inner, last, epoch }
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for Watched<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let ms = u64::try_from(this.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-            this.last.store(ms, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for Watched<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+    match crate::relay::relay(
+        TokioIo::new(client),
+        TokioIo::new(backend),
+        idle,
+        Some(shutdown),
+    )
+    .await
+    {
+        RelayEnd::Failed(e) => tracing::debug!(error = %e, "WebSocket relay ended with an error"),
+        RelayEnd::Idle => tracing::debug!("WebSocket relay idle for idle_timeout; closing"),
+        RelayEnd::Stopped => tracing::debug!("shutting down; closing WebSocket relay"),
+        RelayEnd::Closed(..) => {}
     }
 }
 
