@@ -19,6 +19,7 @@ mod log_limit;
 pub mod metrics;
 pub mod relay;
 pub mod reload;
+pub mod tcp;
 pub mod tls;
 pub mod upstream;
 

@@ -2,7 +2,7 @@
 //! per connection that runs `tls::accept` and then `http::serve_connection`.
 //! First stage after `config`; everything a connection does starts here.
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ListenerMode};
 use crate::http::route::Router;
 use crate::http::{ListenerHttp, serve_connection};
 use crate::log_limit::LogLimiter;
@@ -29,6 +29,8 @@ pub struct PreparedListener {
     metrics: ListenerMetrics,
     /// `max_connections` permits; kept across a reload that does not change it.
     limit: Arc<Semaphore>,
+    /// `mode: tcp`: the upstream to relay to, and the idle timeout.
+    tcp: Option<(Arc<Upstream>, Duration)>,
 }
 
 /// A bound listener, ready to accept.
@@ -46,7 +48,12 @@ impl PreparedListener {
     ) -> Result<PreparedListener, TlsSetupError> {
         let groups: Vec<&str> = cfg.tls.groups.iter().map(|g| g.name()).collect();
         let lm = metrics.listener(&cfg.name, &groups);
-        let tls = TlsAcceptor::new(&cfg.tls, &cfg.name, lm.clone())?;
+        let tls = TlsAcceptor::new(
+            &cfg.tls,
+            &cfg.name,
+            lm.clone(),
+            cfg.mode == ListenerMode::Http,
+        )?;
         let http = ListenerHttp {
             router: Router::new(cfg.routes.clone()),
             upstreams: upstreams.to_vec(),
@@ -60,6 +67,13 @@ impl PreparedListener {
             http: Arc::new(http),
             metrics: lm,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            tcp: match cfg.mode {
+                ListenerMode::Http => None,
+                ListenerMode::Tcp {
+                    upstream,
+                    idle_timeout,
+                } => upstreams.get(upstream).map(|u| (u.clone(), idle_timeout)),
+            },
         })
     }
 
@@ -169,11 +183,17 @@ impl BoundListener {
             let http = prepared.http.clone();
             let open = prepared.metrics.connection_opened();
             let shutdown = shutdown.clone();
+            let tcp = prepared.tcp.clone();
             tracker.spawn(async move {
                 let _permit = permit;
                 let _open = open;
                 if let Some(est) = tls.accept(sock, peer).await {
-                    serve_connection(est, peer, http, shutdown).await;
+                    match tcp {
+                        None => serve_connection(est, peer, http, shutdown).await,
+                        Some((up, idle)) => {
+                            crate::tcp::serve_connection(est, peer, up, idle).await;
+                        }
+                    }
                 }
             });
         }

@@ -481,6 +481,8 @@ fn example_config_mentions_every_key() {
         "token_file",
         "access_log",
         "reuse_port",
+        "mode",
+        "tcp",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))

@@ -61,8 +61,24 @@ pub struct ListenerConfig {
     /// connections over them).
     pub reuse_port: bool,
     pub tls: TlsConfig,
+    /// HTTP (routes) or layer-4 relaying (`mode: tcp`).
+    pub mode: ListenerMode,
     pub http: HttpConfig,
+    /// Empty in TCP mode.
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// HTTP/1.1 or HTTP/2 by ALPN, routed per request.
+    Http,
+    /// TLS terminated, then the bytes relayed to one `protocol: tcp` upstream.
+    Tcp {
+        /// Index into `Config::upstreams`.
+        upstream: usize,
+        /// A relay with no bytes either way for this long is closed.
+        idle_timeout: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +247,8 @@ pub enum UpstreamProtocol {
     H2c,
     /// HTTP/2 over TLS (ALPN h2, certificate verified), multiplexed.
     H2,
+    /// Raw TCP, for `mode: tcp` listeners.
+    Tcp,
 }
 
 impl UpstreamProtocol {
@@ -240,6 +258,7 @@ impl UpstreamProtocol {
             UpstreamProtocol::Http1 => "http1",
             UpstreamProtocol::H2c => "h2c",
             UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::Tcp => "tcp",
         }
     }
 

@@ -42,9 +42,21 @@ pub struct RawListener {
     pub reuse_port: Option<bool>,
     pub tls: S<RawTls>,
     #[serde(default)]
+    pub mode: Option<S<String>>,
+    #[serde(default)]
+    pub tcp: Option<S<RawTcp>>,
+    #[serde(default)]
     pub http: Option<RawHttp>,
     #[serde(default)]
     pub routes: Vec<S<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTcp {
+    pub upstream: S<String>,
+    #[serde(default)]
+    pub idle_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,6 +17,8 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// As nginx's stream `proxy_timeout` (10 min).
+const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// HTTP/2 connections per backend server; each carries as many streams as the server allows.
 const DEFAULT_UPSTREAM_H2_CONNECTIONS: u64 = 8;
 const MAX_UPSTREAM_H2_CONNECTIONS: u64 = 1024;
@@ -187,6 +189,77 @@ fn listener(
     };
     let tls = tls(cx, &format!("{key}.tls"), &r.tls)?;
     let http = http(cx, &format!("{key}.http"), r.http.as_ref())?;
+    let mode = match (r.mode.as_ref().map(|m| (m.value.trim(), line(m))), &r.tcp) {
+        (None | Some(("http", _)), None) => ListenerMode::Http,
+        (None | Some(("http", _)), Some(t)) => {
+            return Err(cx.err(format!("{key}.tcp"), line(t), "tcp settings need mode: tcp"));
+        }
+        (Some(("tcp", l)), None) => {
+            return Err(cx.err(
+                format!("{key}.tcp"),
+                l,
+                "mode: tcp needs tcp: { upstream: NAME } (an upstream with protocol: tcp)",
+            ));
+        }
+        (Some(("tcp", _)), Some(t)) => {
+            let u = &t.value.upstream;
+            let idx = upstreams
+                .iter()
+                .position(|x| x.name == u.value.trim())
+                .ok_or_else(|| {
+                    cx.err(
+                        format!("{key}.tcp.upstream"),
+                        line(u),
+                        format!("no upstream named '{}'", u.value),
+                    )
+                })?;
+            if upstreams[idx].protocol != UpstreamProtocol::Tcp {
+                return Err(cx.err(
+                    format!("{key}.tcp.upstream"),
+                    line(u),
+                    format!(
+                        "upstream '{}' is protocol {}; mode: tcp needs protocol: tcp",
+                        u.value,
+                        upstreams[idx].protocol.name()
+                    ),
+                ));
+            }
+            if let Some(rt) = r.routes.first() {
+                return Err(cx.err(
+                    format!("{key}.routes"),
+                    line(rt),
+                    "routes apply to mode: http; a mode: tcp listener relays to tcp.upstream",
+                ));
+            }
+            ListenerMode::Tcp {
+                upstream: idx,
+                idle_timeout: cx.duration(
+                    &format!("{key}.tcp.idle_timeout"),
+                    &t.value.idle_timeout,
+                    DEFAULT_TCP_IDLE_TIMEOUT,
+                )?,
+            }
+        }
+        (Some((other, l)), _) => {
+            return Err(cx.err(
+                format!("{key}.mode"),
+                l,
+                format!("unknown mode '{other}'; allowed: http, tcp"),
+            ));
+        }
+    };
+    if matches!(mode, ListenerMode::Tcp { .. }) {
+        return Ok(ListenerConfig {
+            name,
+            bind,
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            reuse_port: r.reuse_port.unwrap_or(false),
+            tls,
+            mode,
+            http,
+            routes: Vec::new(),
+        });
+    }
     if r.routes.is_empty() {
         return Err(cx.err(
             format!("{key}.routes"),
@@ -206,6 +279,7 @@ fn listener(
         max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
         reuse_port: r.reuse_port.unwrap_or(false),
         tls,
+        mode,
         http,
         routes,
     })
@@ -495,6 +569,16 @@ fn route(
                         ),
                     )
                 })?;
+            if upstreams[idx].protocol == UpstreamProtocol::Tcp {
+                return Err(cx.err(
+                    format!("{key}.upstream"),
+                    line(u),
+                    format!(
+                        "upstream '{}' is protocol tcp, for mode: tcp listeners; routes need http1, h2c or h2",
+                        u.value
+                    ),
+                ));
+            }
             RouteAction::Upstream(idx)
         }
         (None, Some(resp)) => {
@@ -572,11 +656,12 @@ fn upstream(cx: &Ctx, name: &str, u: &S<raw::RawUpstream>) -> Result<UpstreamCon
         None | Some(("http1", _)) => UpstreamProtocol::Http1,
         Some(("h2c", _)) => UpstreamProtocol::H2c,
         Some(("h2", _)) => UpstreamProtocol::H2,
+        Some(("tcp", _)) => UpstreamProtocol::Tcp,
         Some((other, l)) => {
             return Err(cx.err(
                 format!("{key}.protocol"),
                 l,
-                format!("unsupported protocol '{other}'; supported: http1, h2c, h2"),
+                format!("unsupported protocol '{other}'; supported: http1, h2c, h2, tcp"),
             ));
         }
     };
@@ -742,6 +827,7 @@ impl Config {
                 bind: listen,
                 max_connections: DEFAULT_MAX_CONNECTIONS as usize,
                 reuse_port: false,
+                mode: ListenerMode::Http,
                 tls: TlsConfig {
                     certificates: vec![CertificateSource {
                         cert: PemSource::Memory {

@@ -93,11 +93,14 @@ impl TlsAcceptor {
         self.resolver.clone()
     }
 
-    /// Load the certificates and build the policy. Fails before anything binds.
+    /// Load the certificates and build the policy. Fails before anything binds. `http`:
+    /// offer ALPN h2/http/1.1; a TCP-mode listener offers none (its clients may name any
+    /// protocol, or none, and must not be refused for it).
     pub fn new(
         tls: &TlsConfig,
         listener: &str,
         metrics: ListenerMetrics,
+        http: bool,
     ) -> Result<TlsAcceptor, TlsSetupError> {
         let provider = policy::provider(&tls.groups);
         let certificates = tls
@@ -111,12 +114,16 @@ impl TlsAcceptor {
             }
         }
         let resolver = Arc::new(SniResolver::new(&certificates, tls.strict_sni));
-        let config = policy::server_config(&tls.groups, resolver.clone()).map_err(|source| {
-            TlsSetupError::Policy {
-                listener: listener.to_string(),
-                source,
-            }
-        })?;
+        let mut config =
+            policy::server_config(&tls.groups, resolver.clone()).map_err(|source| {
+                TlsSetupError::Policy {
+                    listener: listener.to_string(),
+                    source,
+                }
+            })?;
+        if !http {
+            config.alpn_protocols.clear();
+        }
         Ok(TlsAcceptor {
             config: Arc::new(config),
             resolver,

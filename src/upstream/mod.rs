@@ -15,14 +15,14 @@ mod health;
 mod resolve;
 mod sent;
 
-pub use connect::UpstreamSetupError;
+pub use connect::{BackendIo, UpstreamSetupError};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::log_limit::LogLimiter;
-use crate::metrics::{RetryReason, UpstreamErrorKind, UpstreamMetrics};
+use crate::metrics::{GaugeGuard, RetryReason, UpstreamErrorKind, UpstreamMetrics};
 use bytes::Bytes;
-use connect::{BackendIo, BackendTls, ConnectFailure};
+use connect::{BackendTls, ConnectFailure};
 use health::Health;
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, Uri, Version, header};
@@ -250,17 +250,7 @@ impl Upstream {
                     return Ok(resp);
                 }
                 Err(Attempt::NoConnection(r, (kind, e))) => {
-                    self.metrics.error(kind);
-                    if server.health.connect_failed(Instant::now()) {
-                        self.metrics.ejected();
-                        tracing::warn!(upstream = %self.name, server = %server.addr, cool_down = ?health::EJECT_FOR, "server ejected after {} connect failures in a row", health::EJECT_AFTER);
-                    }
-                    if let Some(suppressed) = self.log.allow() {
-                        tracing::warn!(upstream = %self.name, server = %server.addr, error = %e, suppressed_since_last = suppressed, more_servers = more, "backend connect failed");
-                    }
-                    if more {
-                        self.metrics.retry(RetryReason::Connect);
-                    }
+                    self.connect_failed(&server, kind, &e, more);
                     last_connect = Some((server.addr.clone(), e));
                     req = r;
                 }
@@ -300,6 +290,54 @@ impl Upstream {
         }
         let (server, source) =
             last_connect.unwrap_or_else(|| (String::new(), std::io::Error::other("no servers")));
+        Err(UpstreamError::Connect {
+            upstream: self.name.clone(),
+            server,
+            source,
+        })
+    }
+
+    /// Count and log a failed connection attempt; eject the server if it keeps failing.
+    fn connect_failed(
+        &self,
+        server: &Server,
+        kind: UpstreamErrorKind,
+        e: &std::io::Error,
+        more: bool,
+    ) {
+        self.metrics.error(kind);
+        if server.health.connect_failed(Instant::now()) {
+            self.metrics.ejected();
+            tracing::warn!(upstream = %self.name, server = %server.addr, cool_down = ?health::EJECT_FOR, "server ejected after {} connect failures in a row", health::EJECT_AFTER);
+        }
+        if let Some(suppressed) = self.log.allow() {
+            tracing::warn!(upstream = %self.name, server = %server.addr, error = %e, suppressed_since_last = suppressed, more_servers = more, "backend connect failed");
+        }
+        if more {
+            self.metrics.retry(RetryReason::Connect);
+        }
+    }
+
+    /// TCP mode: a connection to the next server in rotation (ejected ones last; a failed
+    /// connect moves on), counted in `ephemera_upstream_connections_open` until the guard
+    /// is dropped.
+    pub async fn open_stream(&self) -> Result<(BackendIo, GaugeGuard), UpstreamError> {
+        let order = self.order();
+        let mut last = None;
+        for (i, server) in order.iter().enumerate() {
+            match self.connect(server).await {
+                Ok(io) => {
+                    server.health.connected();
+                    return Ok((io, self.metrics.connection_opened()));
+                }
+                Err((kind, e)) => {
+                    self.connect_failed(server, kind, &e, i + 1 < order.len());
+                    last = Some((server.addr.clone(), e));
+                }
+            }
+        }
+        let (server, source) =
+            last.unwrap_or_else(|| (String::new(), std::io::Error::other("no servers")));
         Err(UpstreamError::Connect {
             upstream: self.name.clone(),
             server,
