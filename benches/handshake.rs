@@ -50,9 +50,12 @@ fn certified(
 fn case(name: &'static str, group: Group, rsa: bool) -> Case {
     let provider = policy::provider(&[group]);
     let (ck, der) = certified(rsa, &provider);
-    let server =
-        policy::server_config(&[group], Arc::new(rustls::sign::SingleCertAndKey::from(ck)))
-            .unwrap();
+    let server = policy::server_config(
+        &[group],
+        Arc::new(rustls::sign::SingleCertAndKey::from(ck)),
+        None,
+    )
+    .unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
     // The client offers exactly the group under test: no HelloRetryRequest.

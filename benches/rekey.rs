@@ -102,6 +102,7 @@ fn update_cost(updates: u32) {
     let server_cfg = ephemera::tls::policy::server_config(
         &groups,
         Arc::new(rustls::sign::SingleCertAndKey::from(ck)),
+        None,
     )
     .unwrap();
     let client_cfg = client_config(&certs.ca_der(), &[b"http/1.1"]);

@@ -33,6 +33,11 @@ pub enum HandshakeFailure {
     AlertReceived,
     /// The bytes were not a valid TLS handshake (plain HTTP, a scanner, garbage).
     Malformed,
+    /// `tls.client_auth` with `required: true` and the client sent no certificate.
+    ClientCertMissing,
+    /// The client's certificate did not verify against `tls.client_auth.ca` (unknown issuer,
+    /// expired, wrong usage, bad signature).
+    ClientCertInvalid,
     /// A socket error during the handshake.
     Io,
     /// Anything else rustls refused; the log line carries the detail.
@@ -40,7 +45,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 12] = [
+    pub const ALL: [HandshakeFailure; 14] = [
         HandshakeFailure::ProtocolVersion,
         HandshakeFailure::NoSharedGroup,
         HandshakeFailure::NoSharedCipher,
@@ -51,6 +56,8 @@ impl HandshakeFailure {
         HandshakeFailure::ClientClosed,
         HandshakeFailure::AlertReceived,
         HandshakeFailure::Malformed,
+        HandshakeFailure::ClientCertMissing,
+        HandshakeFailure::ClientCertInvalid,
         HandshakeFailure::Io,
         HandshakeFailure::Other,
     ];
@@ -67,6 +74,8 @@ impl HandshakeFailure {
             HandshakeFailure::ClientClosed => "client_closed",
             HandshakeFailure::AlertReceived => "alert_received",
             HandshakeFailure::Malformed => "malformed",
+            HandshakeFailure::ClientCertMissing => "client_cert_missing",
+            HandshakeFailure::ClientCertInvalid => "client_cert_invalid",
             HandshakeFailure::Io => "io_error",
             HandshakeFailure::Other => "other",
         }

@@ -91,6 +91,16 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
     /// Forced TLS 1.3 KeyUpdate; `None` when disabled (`key_update: false`).
     pub key_update: Option<KeyUpdatePolicy>,
+    /// Client certificates (mTLS); `None`: not asked for.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// `tls.client_auth`: verify client certificates against `ca`.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    pub ca: PathBuf,
+    /// false: a client without a certificate is let in (and gets no identity header).
+    pub required: bool,
 }
 
 /// When to force a KeyUpdate: after `max_bytes` of application data (both directions

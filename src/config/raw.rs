@@ -72,6 +72,16 @@ pub struct RawTls {
     pub handshake_timeout: Option<S<String>>,
     #[serde(default)]
     pub key_update: Option<S<RawKeyUpdate>>,
+    #[serde(default)]
+    pub client_auth: Option<S<RawClientAuth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientAuth {
+    pub ca: S<String>,
+    #[serde(default)]
+    pub required: Option<bool>,
 }
 
 /// `key_update: false` (or `off`), `true`, or `{ max_bytes: 1GiB, max_age: 1h }`.

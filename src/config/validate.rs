@@ -351,6 +351,10 @@ fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError
             DEFAULT_HANDSHAKE_TIMEOUT,
         )?,
         key_update: key_update(cx, &format!("{key}.key_update"), r.key_update.as_ref())?,
+        client_auth: r.client_auth.as_ref().map(|c| ClientAuth {
+            ca: PathBuf::from(c.value.ca.value.trim()),
+            required: c.value.required.unwrap_or(true),
+        }),
     })
 }
 
@@ -848,6 +852,7 @@ impl Config {
                     groups: Group::DEFAULT.to_vec(),
                     handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                     key_update: Some(KeyUpdatePolicy::DEFAULT),
+                    client_auth: None,
                 },
                 http: HttpConfig {
                     header_timeout: DEFAULT_HEADER_TIMEOUT,

@@ -451,6 +451,11 @@ fn rewrite_request_headers(
     };
     set(h, "x-forwarded-for", &xff);
     set(h, "x-forwarded-proto", "https");
+    // Only the identity we verified reaches the backend; a client cannot forge one.
+    h.remove("x-forwarded-client-cert");
+    if let Some(identity) = &c.tls.client_cert {
+        set(h, "x-forwarded-client-cert", identity);
+    }
 
     let node = match ip {
         IpAddr::V4(v4) => v4.to_string(),
@@ -587,6 +592,7 @@ mod tests {
                 cipher_suite: "TLS13_AES_128_GCM_SHA256",
                 alpn: crate::tls::accept::Alpn::H2,
                 server_name: None,
+                client_cert: None,
             },
             trusted_peer: trusted,
             activity: Activity::new(),

@@ -28,6 +28,9 @@ pub enum TlsSetupError {
     /// A certificate or key could not be loaded (the message names the entry and file).
     #[error(transparent)]
     Certificate(#[from] CertError),
+    /// `tls.client_auth.ca` is missing, unreadable or holds no usable certificate.
+    #[error(transparent)]
+    ClientCa(#[from] super::client_cert::ClientCaError),
     /// rustls refused the policy (should not happen with the groups `config` allows).
     #[error("listener '{listener}': TLS policy rejected by rustls: {source}")]
     Policy {
@@ -44,6 +47,8 @@ pub struct TlsInfo {
     pub cipher_suite: &'static str,
     pub alpn: Alpn,
     pub server_name: Option<String>,
+    /// The verified client certificate as an `X-Forwarded-Client-Cert` value (mTLS only).
+    pub client_cert: Option<Arc<str>>,
 }
 
 /// The application protocol chosen by ALPN.
@@ -114,12 +119,15 @@ impl TlsAcceptor {
             }
         }
         let resolver = Arc::new(SniResolver::new(&certificates, tls.strict_sni));
-        let mut config =
-            policy::server_config(&tls.groups, resolver.clone()).map_err(|source| {
-                TlsSetupError::Policy {
-                    listener: listener.to_string(),
-                    source,
-                }
+        let client_auth = tls
+            .client_auth
+            .as_ref()
+            .map(|auth| super::client_cert::verifier(listener, auth, Arc::new(provider.clone())))
+            .transpose()?;
+        let mut config = policy::server_config(&tls.groups, resolver.clone(), client_auth)
+            .map_err(|source| TlsSetupError::Policy {
+                listener: listener.to_string(),
+                source,
             })?;
         if !http {
             config.alpn_protocols.clear();
@@ -217,6 +225,11 @@ impl TlsAcceptor {
             cipher_suite,
             alpn,
             server_name: conn.server_name().map(str::to_owned),
+            client_cert: conn
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(super::client_cert::forwarded_value)
+                .map(Arc::from),
         };
         self.metrics.handshake_ok(
             group,
@@ -287,6 +300,9 @@ fn classify_tls(e: &rustls::Error) -> HandshakeFailure {
             HandshakeFailure::NoSharedSignatureScheme
         }
         E::NoApplicationProtocol => HandshakeFailure::NoApplicationProtocol,
+        // On a server, the only peer certificate is the client's (mTLS).
+        E::NoCertificatesPresented => HandshakeFailure::ClientCertMissing,
+        E::InvalidCertificate(_) => HandshakeFailure::ClientCertInvalid,
         E::AlertReceived(_) => HandshakeFailure::AlertReceived,
         E::InvalidMessage(_)
         | E::InappropriateMessage { .. }

@@ -5,6 +5,7 @@
 
 pub mod accept;
 pub mod certs;
+pub mod client_cert;
 pub mod policy;
 pub mod rekey;
 pub mod stream;

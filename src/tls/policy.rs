@@ -50,11 +50,15 @@ pub fn provider(groups: &[Group]) -> CryptoProvider {
 pub fn server_config(
     groups: &[Group],
     resolver: Arc<dyn ResolvesServerCert>,
+    client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<ServerConfig, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(provider(groups)))
-        .with_protocol_versions(VERSIONS)?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+    let builder = ServerConfig::builder_with_provider(Arc::new(provider(groups)))
+        .with_protocol_versions(VERSIONS)?;
+    let builder = match client_auth {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     // The default is a 256-entry session cache: stateful resumption would be ON.
     config.session_storage = Arc::new(NoServerSessionStorage {});
     // The default sends 2 tickets after each handshake; with none there is nothing to resume.
@@ -81,7 +85,7 @@ mod tests {
         let ck = rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key, &provider(groups))
             .unwrap();
         let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(ck));
-        (server_config(groups, resolver).unwrap(), cert)
+        (server_config(groups, resolver, None).unwrap(), cert)
     }
 
     /// Runs a handshake in memory; returns both sides or the server's error.
