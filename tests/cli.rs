@@ -483,6 +483,8 @@ fn example_config_mentions_every_key() {
         "reuse_port",
         "mode",
         "tcp",
+        "client_auth",
+        "required",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))
