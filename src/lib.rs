@@ -17,6 +17,7 @@ pub mod listener;
 pub mod loadgen;
 mod log_limit;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;
 pub mod tcp;

@@ -184,14 +184,47 @@ impl BoundListener {
             let open = prepared.metrics.connection_opened();
             let shutdown = shutdown.clone();
             let tcp = prepared.tcp.clone();
+            let proxied = prepared.cfg.proxy_protocol && http.is_trusted(&peer);
+            let handshake_timeout = prepared.cfg.tls.handshake_timeout;
             tracker.spawn(async move {
                 let _permit = permit;
                 let _open = open;
+                let mut sock = sock;
+                let local = sock.local_addr().unwrap_or(local_addr);
+                let mut peer = peer;
+                if proxied {
+                    // The load balancer's header names the client; it must come first.
+                    let read = tokio::time::timeout(
+                        handshake_timeout,
+                        crate::proxy_protocol::read_header(&mut sock),
+                    )
+                    .await;
+                    match read {
+                        Ok(Ok(Some(client))) => peer = client,
+                        Ok(Ok(None)) => {}
+                        Ok(Err(e)) => {
+                            tls.refused(
+                                crate::metrics::HandshakeFailure::ProxyProtocol,
+                                &peer,
+                                &e.to_string(),
+                            );
+                            return;
+                        }
+                        Err(_) => {
+                            tls.refused(
+                                crate::metrics::HandshakeFailure::ProxyProtocol,
+                                &peer,
+                                "no PROXY header within handshake_timeout",
+                            );
+                            return;
+                        }
+                    }
+                }
                 if let Some(est) = tls.accept(sock, peer).await {
                     match tcp {
-                        None => serve_connection(est, peer, http, shutdown).await,
+                        None => serve_connection(est, peer, local, http, shutdown).await,
                         Some((up, idle)) => {
-                            crate::tcp::serve_connection(est, peer, up, idle).await;
+                            crate::tcp::serve_connection(est, peer, local, up, idle).await;
                         }
                     }
                 }

@@ -38,6 +38,9 @@ pub enum HandshakeFailure {
     /// The client's certificate did not verify against `tls.client_auth.ca` (unknown issuer,
     /// expired, wrong usage, bad signature).
     ClientCertInvalid,
+    /// `proxy_protocol: true`: a trusted proxy's connection did not start with a valid
+    /// PROXY header (or it did not arrive within `handshake_timeout`).
+    ProxyProtocol,
     /// A socket error during the handshake.
     Io,
     /// Anything else rustls refused; the log line carries the detail.
@@ -45,7 +48,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 14] = [
+    pub const ALL: [HandshakeFailure; 15] = [
         HandshakeFailure::ProtocolVersion,
         HandshakeFailure::NoSharedGroup,
         HandshakeFailure::NoSharedCipher,
@@ -58,6 +61,7 @@ impl HandshakeFailure {
         HandshakeFailure::Malformed,
         HandshakeFailure::ClientCertMissing,
         HandshakeFailure::ClientCertInvalid,
+        HandshakeFailure::ProxyProtocol,
         HandshakeFailure::Io,
         HandshakeFailure::Other,
     ];
@@ -76,6 +80,7 @@ impl HandshakeFailure {
             HandshakeFailure::Malformed => "malformed",
             HandshakeFailure::ClientCertMissing => "client_cert_missing",
             HandshakeFailure::ClientCertInvalid => "client_cert_invalid",
+            HandshakeFailure::ProxyProtocol => "proxy_protocol",
             HandshakeFailure::Io => "io_error",
             HandshakeFailure::Other => "other",
         }

@@ -14,15 +14,23 @@ use std::time::Duration;
 pub async fn serve_connection(
     est: Established,
     peer: SocketAddr,
+    local: SocketAddr,
     up: Arc<Upstream>,
     idle: Duration,
 ) {
     let Established {
         stream: client,
         closed: returned,
-        ..
+        info,
     } = est;
-    match up.open_stream().await {
+    let facts = crate::proxy_protocol::ClientFacts {
+        client: peer,
+        local,
+        sni: info.server_name.clone(),
+        cipher_suite: info.cipher_suite,
+        client_cert: info.client_cert.is_some(),
+    };
+    match up.open_stream(&facts).await {
         Ok((backend, _open)) => match relay(client, backend, idle, None).await {
             RelayEnd::Closed(up_bytes, down_bytes) => {
                 tracing::debug!(%peer, up_bytes, down_bytes, "TCP relay closed");

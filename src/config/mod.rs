@@ -60,6 +60,8 @@ pub struct ListenerConfig {
     /// SO_REUSEPORT: several processes may listen on the same address (the kernel spreads
     /// connections over them).
     pub reuse_port: bool,
+    /// Expect a PROXY protocol (v1/v2) header from peers in `http.trusted_proxies`.
+    pub proxy_protocol: bool,
     pub tls: TlsConfig,
     /// HTTP (routes) or layer-4 relaying (`mode: tcp`).
     pub mode: ListenerMode,
@@ -300,6 +302,9 @@ pub struct UpstreamConfig {
     pub max_connections: usize,
     /// Set exactly when `protocol` is `H2`.
     pub tls: Option<UpstreamTls>,
+    /// Send a PROXY protocol v2 header on each new connection (http1 and tcp only; such
+    /// HTTP/1.1 connections carry one client's requests and are not pooled).
+    pub proxy_protocol: bool,
 }
 
 /// Why a config was rejected. Every message names the file, the key path and the line.

@@ -40,6 +40,8 @@ pub struct RawListener {
     pub max_connections: Option<S<u64>>,
     #[serde(default)]
     pub reuse_port: Option<bool>,
+    #[serde(default)]
+    pub proxy_protocol: Option<S<bool>>,
     pub tls: S<RawTls>,
     #[serde(default)]
     pub mode: Option<S<String>>,
@@ -202,6 +204,8 @@ pub struct RawUpstream {
     pub max_connections: Option<S<u64>>,
     #[serde(default)]
     pub tls: Option<S<RawUpstreamTls>>,
+    #[serde(default)]
+    pub proxy_protocol: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -189,6 +189,17 @@ fn listener(
     };
     let tls = tls(cx, &format!("{key}.tls"), &r.tls)?;
     let http = http(cx, &format!("{key}.http"), r.http.as_ref())?;
+    let proxy_protocol = match &r.proxy_protocol {
+        Some(p) if p.value && http.trusted_proxies.is_empty() => {
+            return Err(cx.err(
+                format!("{key}.proxy_protocol"),
+                line(p),
+                "proxy_protocol: true needs http.trusted_proxies (the load balancers whose headers are believed)",
+            ));
+        }
+        Some(p) => p.value,
+        None => false,
+    };
     let mode = match (r.mode.as_ref().map(|m| (m.value.trim(), line(m))), &r.tcp) {
         (None | Some(("http", _)), None) => ListenerMode::Http,
         (None | Some(("http", _)), Some(t)) => {
@@ -254,6 +265,7 @@ fn listener(
             bind,
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             reuse_port: r.reuse_port.unwrap_or(false),
+            proxy_protocol,
             tls,
             mode,
             http,
@@ -278,6 +290,7 @@ fn listener(
         bind,
         max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
         reuse_port: r.reuse_port.unwrap_or(false),
+        proxy_protocol,
         tls,
         mode,
         http,
@@ -760,6 +773,24 @@ fn upstream(cx: &Ctx, name: &str, u: &S<raw::RawUpstream>) -> Result<UpstreamCon
         )?,
         max_connections,
         tls,
+        proxy_protocol: match &r.proxy_protocol {
+            None => false,
+            Some(p) if p.value.trim() == "v2" && !protocol.is_h2() => true,
+            Some(p) if p.value.trim() == "v2" => {
+                return Err(cx.err(
+                    format!("{key}.proxy_protocol"),
+                    line(p),
+                    "proxy_protocol is for http1 and tcp upstreams: an HTTP/2 connection carries many clients",
+                ));
+            }
+            Some(p) => {
+                return Err(cx.err(
+                    format!("{key}.proxy_protocol"),
+                    line(p),
+                    format!("unsupported '{}'; write v2", p.value),
+                ));
+            }
+        },
     })
 }
 
@@ -816,6 +847,7 @@ impl Config {
                     response_timeout: DEFAULT_RESPONSE_TIMEOUT,
                     max_connections: DEFAULT_UPSTREAM_H2_CONNECTIONS as usize,
                     tls: None,
+                    proxy_protocol: false,
                 });
                 RouteAction::Upstream(0)
             }
@@ -831,6 +863,7 @@ impl Config {
                 bind: listen,
                 max_connections: DEFAULT_MAX_CONNECTIONS as usize,
                 reuse_port: false,
+                proxy_protocol: false,
                 mode: ListenerMode::Http,
                 tls: TlsConfig {
                     certificates: vec![CertificateSource {

@@ -27,7 +27,10 @@ use std::time::Duration;
 
 /// Facts about the client connection a request arrived on.
 pub struct ConnContext {
+    /// The client: the TCP peer, or the address a trusted PROXY header named.
     pub peer: SocketAddr,
+    /// Our address the client connected to.
+    pub local: SocketAddr,
     pub tls: TlsInfo,
     /// The peer is in `trusted_proxies`: its X-Forwarded-For / Forwarded are kept.
     pub trusted_peer: bool,
@@ -231,6 +234,9 @@ async fn forward(
     {
         parts.headers.insert(header::HOST, v);
     }
+    if up.proxy_protocol() {
+        parts.extensions.insert(client_facts(c));
+    }
     let usize_limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let body = ClientBody::new(Limited::new(body, usize_limit), l.cfg.idle_timeout).boxed();
     match up.send(Request::from_parts(parts, body)).await {
@@ -262,6 +268,9 @@ async fn forward_upgrade(
         return simple(StatusCode::BAD_REQUEST, "upgrade not possible here\n");
     };
     parts.uri = origin_form(&parts.uri);
+    if up.proxy_protocol() {
+        parts.extensions.insert(client_facts(c));
+    }
     if no_authority && let Ok(v) = HeaderValue::from_str(up.name()) {
         parts.headers.insert(header::HOST, v);
     }
@@ -295,6 +304,17 @@ async fn forward_upgrade(
             Response::from_parts(parts, body)
         }
         Err(e) => upstream_failure(e, up),
+    }
+}
+
+/// For a backend that wants a PROXY header: who the client is and what TLS it spoke.
+pub fn client_facts(c: &ConnContext) -> crate::proxy_protocol::ClientFacts {
+    crate::proxy_protocol::ClientFacts {
+        client: c.peer,
+        local: c.local,
+        sni: c.tls.server_name.clone(),
+        cipher_suite: c.tls.cipher_suite,
+        client_cert: c.tls.client_cert.is_some(),
     }
 }
 
@@ -587,6 +607,7 @@ mod tests {
     fn ctx(peer: &str, trusted: bool) -> ConnContext {
         ConnContext {
             peer: peer.parse().unwrap(),
+            local: "192.0.2.100:443".parse().unwrap(),
             tls: TlsInfo {
                 group: "x25519",
                 cipher_suite: "TLS13_AES_128_GCM_SHA256",

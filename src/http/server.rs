@@ -37,7 +37,7 @@ pub struct ListenerHttp {
 }
 
 impl ListenerHttp {
-    fn is_trusted(&self, peer: &SocketAddr) -> bool {
+    pub fn is_trusted(&self, peer: &SocketAddr) -> bool {
         let ip = peer.ip().to_canonical();
         self.cfg.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
@@ -48,6 +48,7 @@ impl ListenerHttp {
 pub async fn serve_connection(
     est: Established,
     peer: SocketAddr,
+    local: SocketAddr,
     l: Arc<ListenerHttp>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -61,6 +62,7 @@ pub async fn serve_connection(
     let h2 = info.alpn == Alpn::H2;
     let cx = Arc::new(ConnContext {
         peer,
+        local,
         tls: info,
         trusted_peer: l.is_trusted(&peer),
         activity: activity.clone(),

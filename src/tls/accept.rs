@@ -158,6 +158,12 @@ impl TlsAcceptor {
             ),
         };
         let (reason, detail) = failure;
+        self.refused(reason, &peer, &detail);
+        None
+    }
+
+    /// Count and (rate-limited) log a connection refused before or during the handshake.
+    pub fn refused(&self, reason: HandshakeFailure, peer: &SocketAddr, detail: &str) {
         self.metrics.handshake_failed(reason);
         if let Some(suppressed) = self.log.allow() {
             tracing::info!(
@@ -169,7 +175,6 @@ impl TlsAcceptor {
                 "TLS handshake failed"
             );
         }
-        None
     }
 
     async fn handshake(

@@ -21,6 +21,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{GaugeGuard, RetryReason, UpstreamErrorKind, UpstreamMetrics};
+use crate::proxy_protocol::{self, ClientFacts};
 use bytes::Bytes;
 use connect::{BackendTls, ConnectFailure};
 use health::Health;
@@ -106,6 +107,8 @@ pub struct Upstream {
     tls: Option<BackendTls>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// Each new connection starts with a PROXY v2 header naming its client.
+    proxy_protocol: bool,
     metrics: UpstreamMetrics,
     /// A down backend must not flood the log: at most 10 lines per 10 s per upstream.
     pub log: LogLimiter,
@@ -165,6 +168,7 @@ impl Upstream {
             tls,
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
+            proxy_protocol: cfg.proxy_protocol,
             metrics,
             log: LogLimiter::new(Duration::from_secs(10), 10),
             upkeep: std::sync::Once::new(),
@@ -177,6 +181,11 @@ impl Upstream {
 
     pub fn protocol(&self) -> UpstreamProtocol {
         self.protocol
+    }
+
+    /// Whether requests must carry `ClientFacts` for a PROXY v2 header.
+    pub fn proxy_protocol(&self) -> bool {
+        self.proxy_protocol
     }
 
     /// HTTP/2 connections open to each server, in config order (for tests and logs).
@@ -200,11 +209,28 @@ impl Upstream {
     }
 
     async fn connect(&self, server: &Server) -> Result<BackendIo, ConnectFailure> {
+        self.connect_for(server, None).await
+    }
+
+    /// A new connection; with `facts` (PROXY protocol upstreams) it starts with the header.
+    async fn connect_for(
+        &self,
+        server: &Server,
+        facts: Option<&ClientFacts>,
+    ) -> Result<BackendIo, ConnectFailure> {
         let tls = match (&self.tls, &server.tls_name) {
             (Some(t), Some(name)) => Some((t, name)),
             _ => None,
         };
-        connect::connect(&server.addr, self.connect_timeout, tls).await
+        let mut io = connect::connect(&server.addr, self.connect_timeout, tls).await?;
+        if let Some(f) = facts.filter(|_| self.proxy_protocol) {
+            let header =
+                proxy_protocol::v2_header(f).map_err(|e| (UpstreamErrorKind::Connect, e))?;
+            tokio::io::AsyncWriteExt::write_all(&mut io, &header)
+                .await
+                .map_err(|e| (UpstreamErrorKind::Connect, e))?;
+        }
+        Ok(io)
     }
 
     /// Send `req` (origin-form URI, headers already rewritten, Host set) and wait for the
@@ -321,11 +347,14 @@ impl Upstream {
     /// TCP mode: a connection to the next server in rotation (ejected ones last; a failed
     /// connect moves on), counted in `ephemera_upstream_connections_open` until the guard
     /// is dropped.
-    pub async fn open_stream(&self) -> Result<(BackendIo, GaugeGuard), UpstreamError> {
+    pub async fn open_stream(
+        &self,
+        facts: &ClientFacts,
+    ) -> Result<(BackendIo, GaugeGuard), UpstreamError> {
         let order = self.order();
         let mut last = None;
         for (i, server) in order.iter().enumerate() {
-            match self.connect(server).await {
+            match self.connect_for(server, Some(facts)).await {
                 Ok(io) => {
                     server.health.connected();
                     return Ok((io, self.metrics.connection_opened()));
@@ -351,16 +380,20 @@ impl Upstream {
         mut req: Request<ProxyBody>,
         body: &BodyWatch,
     ) -> Result<Response<ProxyBody>, Attempt> {
+        // A connection that began with a PROXY header belongs to that one client: never
+        // pooled, never reused.
+        let facts = req.extensions().get::<ClientFacts>().cloned();
+        let private = self.proxy_protocol;
         // A reused connection may have been closed by the backend just now; hyper then hands
         // the unsent request back and we try a fresh connection.
-        let mut reused = server.h1.take_idle();
+        let mut reused = if private { None } else { server.h1.take_idle() };
         loop {
             let fresh = reused.is_none();
             let mut conn = match reused.take() {
                 Some(c) => c,
                 None => {
                     let generation = server.h1.generation();
-                    let io = match self.connect(server).await {
+                    let io = match self.connect_for(server, facts.as_ref()).await {
                         Ok(io) => io,
                         Err(f) => return Err(Attempt::NoConnection(req, f)),
                     };
@@ -380,8 +413,10 @@ impl Upstream {
             {
                 Ok(resp) => {
                     self.metrics.observe(started.elapsed().as_secs_f64());
-                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        // The connection now belongs to the upgrade (a WebSocket relay).
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || private {
+                        // The connection now belongs to the upgrade (a WebSocket relay), or,
+                        // having begun with a PROXY header, to this one request: it closes
+                        // once the response has been read.
                         conn.detach();
                     } else {
                         // Back to the pool once the response body has been read to the end.
