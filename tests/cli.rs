@@ -485,6 +485,7 @@ fn example_config_mentions_every_key() {
         "tcp",
         "client_auth",
         "required",
+        "proxy_protocol",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))
