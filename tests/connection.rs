@@ -485,3 +485,32 @@ async fn reuse_port_lets_two_servers_share_one_address() {
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["a", "b"]);
 }
+
+/// Drain: an HTTP/1.1 response in flight when shutdown begins says `Connection: close`
+/// (the client must not send another request on it) and arrives whole; `/readyz` is 503.
+#[tokio::test]
+async fn during_a_drain_http1_responses_carry_connection_close() {
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    let pending = tokio::spawn(async move {
+        let resp = c.send(request("GET", "/slow/800", empty())).await.unwrap();
+        let close = resp
+            .headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (close, body)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(admin_get(proxy.admin, "/readyz").await.0, 503);
+    let (close, body) = pending.await.unwrap();
+    assert_eq!(close.as_deref(), Some("close"));
+    assert_eq!(&body[..], b"slow ok");
+}
