@@ -486,6 +486,7 @@ fn example_config_mentions_every_key() {
         "client_auth",
         "required",
         "proxy_protocol",
+        "ocsp",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))

@@ -356,3 +356,78 @@ async fn cipher_suite_choice_follows_server_preference() {
     assert!(cipher_of(&run.out).is_none(), "{}", run.out);
     wait_failure(&proxy, "no_shared_cipher", 1.0).await;
 }
+
+/// `ocsp: FILE` staples that DER OCSP response; `openssl s_client -status` sees it. The
+/// response is made by `openssl ocsp` acting as the test CA's responder.
+#[tokio::test]
+async fn an_ocsp_response_from_a_file_is_stapled() {
+    if !have_openssl("an_ocsp_response_from_a_file_is_stapled") {
+        return;
+    }
+    let certs = Certs::new(&["localhost"]);
+    let dir = certs.dir.path();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    run(&[
+        "ocsp",
+        "-issuer",
+        "ca.crt",
+        "-cert",
+        "localhost.crt",
+        "-no_nonce",
+        "-reqout",
+        "req.der",
+    ]);
+    run(&[
+        "ocsp",
+        "-index",
+        "index.txt",
+        "-rsigner",
+        "ca.crt",
+        "-rkey",
+        "ca.key",
+        "-CA",
+        "ca.crt",
+        "-reqin",
+        "req.der",
+        "-respout",
+        "resp.der",
+        "-ndays",
+        "1",
+    ]);
+    let ocsp = dir.join("resp.der");
+    let yaml = config_yaml(&certs, None, "", "", "").replace(
+        &format!("key: {} }}", yaml_path(&certs.key)),
+        &format!(
+            "key: {}, ocsp: {} }}",
+            yaml_path(&certs.key),
+            yaml_path(&ocsp)
+        ),
+    );
+    assert!(yaml.contains("ocsp:"), "{yaml}");
+    let proxy = Proxy::start(&yaml).await;
+    let ca = dir.join("openssl-ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let r = s_client(proxy.addr, &ca, &["-status"], Some(REQUEST)).await;
+    assert!(
+        r.out.contains("OCSP Response Status: successful"),
+        "{}",
+        r.out
+    );
+
+    // Without `ocsp`, nothing is stapled.
+    let (_plain_certs, plain, ca) = start("").await;
+    let r = s_client(plain.addr, &ca, &["-status"], Some(REQUEST)).await;
+    assert!(
+        r.out.contains("OCSP response: no response sent"),
+        "{}",
+        r.out
+    );
+}

@@ -128,6 +128,8 @@ impl KeyUpdatePolicy {
 pub struct CertificateSource {
     pub cert: PemSource,
     pub key: PemSource,
+    /// A DER OCSP response to staple (read with the certificate, at start and each reload).
+    pub ocsp: Option<PathBuf>,
     /// The config entry, named in every error about this certificate.
     pub origin: Origin,
 }

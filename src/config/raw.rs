@@ -132,6 +132,8 @@ impl<'de> Deserialize<'de> for RawKeyUpdate {
 pub struct RawCertificate {
     pub cert: S<String>,
     pub key: S<String>,
+    #[serde(default)]
+    pub ocsp: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -321,6 +321,7 @@ fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError
             Ok(CertificateSource {
                 cert: PemSource::File(PathBuf::from(c.value.cert.value.trim())),
                 key: PemSource::File(PathBuf::from(c.value.key.value.trim())),
+                ocsp: c.value.ocsp.as_ref().map(|o| PathBuf::from(o.value.trim())),
                 origin: Origin {
                     file: cx.file.to_string(),
                     key: ck,
@@ -875,6 +876,7 @@ impl Config {
                             label: "in-memory private key",
                             pem: key_pem,
                         },
+                        ocsp: None,
                         origin: Origin {
                             file: "built-in default".to_string(),
                             key: "certificate".to_string(),

@@ -50,6 +50,9 @@ pub enum CertError {
         cert_file: String,
         key_file: String,
     },
+    /// The `ocsp` file is not a DER OCSP response.
+    #[error("{origin}: {file} is not a DER OCSP response (convert with `openssl ocsp -respout`)")]
+    BadOcsp { origin: Box<Origin>, file: String },
     /// The leaf certificate could not be parsed as X.509.
     #[error("{origin}: cannot parse certificate in {file}: {detail}")]
     BadCertificate {
@@ -113,7 +116,22 @@ pub fn load(src: &CertificateSource, provider: &CryptoProvider) -> Result<Loaded
             source,
         })?;
     let algorithm = signing_key.algorithm();
-    let certified = CertifiedKey::new(chain, signing_key);
+    let mut certified = CertifiedKey::new(chain, signing_key);
+    if let Some(path) = &src.ocsp {
+        let der = std::fs::read(path).map_err(|source| CertError::Read {
+            origin: Box::new(origin.clone()),
+            file: path.display().to_string(),
+            source,
+        })?;
+        // A DER OCSPResponse is a SEQUENCE: catch a PEM or text file given by mistake.
+        if der.first() != Some(&0x30) {
+            return Err(CertError::BadOcsp {
+                origin: Box::new(origin.clone()),
+                file: path.display().to_string(),
+            });
+        }
+        certified.ocsp = Some(der);
+    }
     // keys_match compares the key's SPKI with the leaf's; `Unknown` cannot happen for the
     // aws-lc-rs keys we load, and is treated as a mismatch to be safe.
     if certified.keys_match().is_err() {
