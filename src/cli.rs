@@ -191,6 +191,22 @@ async fn reload_on_sighup(reload: crate::reload::ReloadHandle) {
     }
 }
 
+/// An error and its causes on one line, skipping a cause whose text the message before it
+/// already includes (our errors name their source in their own message).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = cause.source();
+    }
+    out
+}
+
 /// Parse the command line (exposed for main).
 pub fn parse() -> Cli {
     Cli::parse()

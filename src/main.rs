@@ -29,7 +29,7 @@ fn main() {
     let code = match runtime.block_on(cli::run(args.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::error_chain(&e));
             1
         }
     };
