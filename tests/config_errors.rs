@@ -300,7 +300,11 @@ fn check_reports_a_missing_config_file() {
     let out = run(&["serve", "--config", &file]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
-    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
 }
 
 /// `serve --config` validates everything before binding: with the listener's port held by
