@@ -98,6 +98,9 @@ pub struct Server {
 
 /// A listener while the server runs.
 struct Live {
+    /// Unique per accept loop: a listener moved to another address by a reload gets a new
+    /// loop (and id) under the same name.
+    id: u64,
     name: String,
     /// As configured (port 0 stays 0), to match it against a reloaded config.
     bind: SocketAddr,
@@ -249,7 +252,7 @@ impl Server {
                 Some(ended) = accept_loops.join_next() => {
                     match ended {
                         // A listener a reload removed.
-                        Ok(name) if !live.iter().any(|l| l.name == name) => continue,
+                        Ok(id) if !live.iter().any(|l| l.id == id) => continue,
                         other => {
                             tracing::error!(result = ?other, "a listener stopped accepting unexpectedly; shutting down");
                             clean = false;
@@ -279,24 +282,26 @@ impl Server {
 
 fn start_listener(
     l: BoundListener,
-    accept_loops: &mut tokio::task::JoinSet<String>,
+    accept_loops: &mut tokio::task::JoinSet<u64>,
     shutdown: watch::Receiver<bool>,
     tracker: &TaskTracker,
 ) -> Live {
     let (stop, stop_rx) = watch::channel(false);
     let cfg = &l.state.load().cfg;
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let entry = Live {
+        id,
         name: cfg.name.clone(),
         bind: cfg.bind,
         local_addr: l.local_addr,
         state: l.state.clone(),
         stop,
     };
-    let name = entry.name.clone();
     let tracker2 = tracker.clone();
     accept_loops.spawn(async move {
         l.run(stop_rx, shutdown, tracker2).await;
-        name
+        id
     });
     entry
 }
@@ -335,7 +340,7 @@ fn apply_reload(
     config: &mut Config,
     live: &mut Vec<Live>,
     cert_series: &mut Vec<(String, String)>,
-    accept_loops: &mut tokio::task::JoinSet<String>,
+    accept_loops: &mut tokio::task::JoinSet<u64>,
     shutdown: &watch::Receiver<bool>,
     tracker: &TaskTracker,
 ) -> reload::ReloadResult {

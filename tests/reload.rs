@@ -252,3 +252,28 @@ async fn reloads_under_load_lose_no_request() {
     assert!(ok > 50, "{ok}");
     assert_eq!(failed, 0);
 }
+
+#[tokio::test]
+async fn moving_a_listener_to_another_address_keeps_the_proxy_running() {
+    let certs = Certs::new(&["localhost"]);
+    let yaml = config_yaml(&certs, None, "", "", "");
+    let path = write_config(&certs, &yaml);
+    let proxy = Proxy::start_file(&path).await;
+    std::fs::write(
+        &path,
+        yaml.replace("bind: 127.0.0.1:0\n    tls", "bind: 127.0.0.2:0\n    tls"),
+    )
+    .unwrap();
+    let (status, body) = reload(&proxy, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let moved = listed(&body, "public").unwrap_or_else(|| panic!("{body}"));
+    assert_eq!(moved.ip().to_string(), "127.0.0.2");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !proxy.task.is_finished(),
+        "the proxy stopped after the old loop ended"
+    );
+    let mut c = HttpClient::connect(moved, &certs.ca_der(), true).await;
+    assert_eq!(c.get("/").await.0, 200);
+    assert_eq!(reload(&proxy, &[]).await.0, 200, "still taking reloads");
+}
