@@ -146,13 +146,15 @@ async fn serve(
             )?
         }
     };
+    // Installed before the (possibly slow) bind: SIGHUP's default action would kill us.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let mut server = Server::bind(config).await?;
     if let Some(p) = path {
         server = server.reload_from(p);
     }
     let (tx, rx) = watch::channel(0u32);
     tokio::spawn(count_signals(tx));
-    tokio::spawn(reload_on_sighup(server.reload_handle()));
+    tokio::spawn(reload_on_sighup(hup, server.reload_handle()));
     Ok(if server.run(rx).await { 0 } else { 1 })
 }
 
@@ -179,9 +181,11 @@ async fn count_signals(tx: watch::Sender<u32>) {
 }
 
 /// SIGHUP reloads the config file and certificates (the outcome is logged by the server).
-async fn reload_on_sighup(reload: crate::reload::ReloadHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    reload: crate::reload::ReloadHandle,
+) {
+    let Ok(mut hup) = hup else {
         tracing::error!("cannot install the SIGHUP handler; reload with POST /reload");
         return;
     };

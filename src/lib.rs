@@ -262,6 +262,11 @@ impl Server {
                 }
             }
         }
+        // No reload during the drain: a POST /reload waiting now gets its answer at once.
+        reload_rx.close();
+        while let Ok(req) = reload_rx.try_recv() {
+            let _ = req.reply.send(Err(reload::ReloadError::ShuttingDown));
+        }
         let grace = config.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections; draining in-flight requests");
         let _ = shutdown_tx.send(true);
@@ -372,6 +377,11 @@ fn apply_reload(
     }
     if prepared.config.admin.bind != config.admin.bind {
         tracing::warn!(old = %config.admin.bind, new = %prepared.config.admin.bind, "admin.bind changes only at restart");
+    }
+    if prepared.config.admin.token_file != config.admin.token_file {
+        tracing::warn!(
+            "admin.token_file (adding, removing or moving it) changes only at restart; the file's content is read at each request"
+        );
     }
     let mut certs = Vec::new();
     let mut kept = vec![false; live.len()];

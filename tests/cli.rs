@@ -862,3 +862,44 @@ async fn access_log_can_be_turned_off() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!serve.log().contains("ephemera::access"), "{}", serve.log());
 }
+
+/// A request the client gives up on before the response head (it closes the connection
+/// while the backend is slow) still gets its access line, as status 499.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_before_the_response_is_logged_as_499() {
+    let backend = start_backend().await;
+    let upstream = format!("http://{backend}");
+    let serve = Serve::start(&["--upstream", &upstream, "--log-format", "json"]).await;
+    let tls = tls_connect(
+        serve.addr,
+        "localhost",
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(
+                ephemera::loadgen::client_tls::SignatureOnly::new(
+                    provider().signature_verification_algorithms,
+                ),
+            ))
+            .with_no_client_auth(),
+    )
+    .await;
+    let mut c = HttpClient::over(tls.unwrap(), false).await;
+    let pending = c.send(request("GET", "/slow/3000", empty()));
+    let _ = tokio::time::timeout(Duration::from_millis(300), pending).await;
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = serve.log();
+        if let Some(l) = log.lines().find(|l| l.contains("\"ephemera::access\"")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no access line:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["status"], 499, "{line}");
+    assert_eq!(v["fields"]["complete"], false);
+    assert_eq!(v["fields"]["path"], "/slow/3000");
+}

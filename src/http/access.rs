@@ -24,6 +24,7 @@ pub struct AccessEntry {
     /// Time to the response head (the backend's answer, for upstream routes).
     pub head_after: Option<std::time::Duration>,
     pub bytes_sent: u64,
+    written: bool,
 }
 
 impl AccessEntry {
@@ -50,6 +51,7 @@ impl AccessEntry {
             upstream: None,
             head_after: None,
             bytes_sent: 0,
+            written: false,
         }
     }
 
@@ -58,8 +60,13 @@ impl AccessEntry {
         self.head_after = Some(self.started.elapsed());
     }
 
-    /// Write the line. `complete`: the response body was sent to its end.
-    pub fn finish(&self, complete: bool) {
+    /// Write the line. `complete`: the response body was handed on to its end.
+    pub fn finish(mut self: Box<Self>, complete: bool) {
+        self.written = true;
+        self.write(complete);
+    }
+
+    fn write(&self, complete: bool) {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "ephemera::access",
@@ -78,5 +85,17 @@ impl AccessEntry {
             key_updates = self.key_updates.load(Ordering::Relaxed),
             "request"
         );
+    }
+}
+
+impl Drop for AccessEntry {
+    /// The request ended before a response head was sent (the client reset the stream or
+    /// closed the connection while the backend was still working): logged as 499, as nginx
+    /// does, since these are the requests an operator looks for.
+    fn drop(&mut self) {
+        if !self.written {
+            self.status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+            self.write(false);
+        }
     }
 }

@@ -542,11 +542,12 @@ pin_project_lite::pin_project! {
     }
     impl PinnedDrop for GuardedBody {
         fn drop(this: Pin<&mut Self>) {
-            if this.waiting {
+            let this = this.project();
+            if *this.waiting {
                 this.guard.request.activity().body_done_waiting();
             }
-            if let Some(a) = &this.guard.access {
-                a.finish(this.ended || this.inner.is_end_stream());
+            if let Some(a) = this.guard.access.take() {
+                a.finish(*this.ended || this.inner.is_end_stream());
             }
         }
     }

@@ -222,6 +222,13 @@ impl Upstream {
             (Some(t), Some(name)) => Some((t, name)),
             _ => None,
         };
+        if self.proxy_protocol && facts.is_none() {
+            // Never open a connection a PROXY backend would take to be from us.
+            return Err((
+                UpstreamErrorKind::Connect,
+                std::io::Error::other("no client facts for the PROXY protocol header"),
+            ));
+        }
         let mut io = connect::connect(&server.addr, self.connect_timeout, tls).await?;
         if let Some(f) = facts.filter(|_| self.proxy_protocol) {
             let header =
@@ -255,6 +262,7 @@ impl Upstream {
                 req.uri().clone(),
                 req.version(),
                 req.headers().clone(),
+                req.extensions().get::<ClientFacts>().cloned(),
             )
         });
         let (mut req, mut body) = watch_body(req);
@@ -292,7 +300,7 @@ impl Upstream {
                 Err(Attempt::Unanswered(source)) => {
                     self.metrics.error(UpstreamErrorKind::Protocol);
                     match &replay {
-                        Some((method, uri, version, headers)) if !retried => {
+                        Some((method, uri, version, headers, facts)) if !retried => {
                             retried = true;
                             self.metrics.retry(RetryReason::Unanswered);
                             tracing::debug!(upstream = %self.name, server = %server.addr, error = %source, "backend did not answer; sending the idempotent request once more");
@@ -300,7 +308,11 @@ impl Upstream {
                             if !more {
                                 order.push(server.clone());
                             }
-                            (req, body) = watch_body(rebuild(method, uri, *version, headers));
+                            let mut again = rebuild(method, uri, *version, headers);
+                            if let Some(f) = facts {
+                                again.extensions_mut().insert(f.clone());
+                            }
+                            (req, body) = watch_body(again);
                         }
                         _ => {
                             return Err(UpstreamError::Protocol {
