@@ -202,6 +202,14 @@ impl BoundListener {
                     match read {
                         Ok(Ok(Some(client))) => peer = client,
                         Ok(Ok(None)) => {}
+                        Ok(Err(crate::proxy_protocol::ProxyHeaderError::Closed)) => {
+                            tls.refused(
+                                crate::metrics::HandshakeFailure::ClientClosed,
+                                &peer,
+                                "closed before the PROXY header",
+                            );
+                            return;
+                        }
                         Ok(Err(e)) => {
                             tls.refused(
                                 crate::metrics::HandshakeFailure::ProxyProtocol,

@@ -17,6 +17,9 @@ const V2_PREFIX: usize = 16;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProxyHeaderError {
+    /// The peer closed before sending anything (a load balancer's TCP health check).
+    #[error("the peer closed before sending a PROXY header")]
+    Closed,
     #[error("no PROXY protocol header from a trusted proxy (first byte {0:#04x})")]
     Missing(u8),
     #[error("malformed PROXY protocol header: {0}")]
@@ -31,7 +34,13 @@ pub enum ProxyHeaderError {
 pub async fn read_header<R: AsyncRead + Unpin>(
     io: &mut R,
 ) -> Result<Option<SocketAddr>, ProxyHeaderError> {
-    let first = io.read_u8().await?;
+    let first = match io.read_u8().await {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(ProxyHeaderError::Closed);
+        }
+        Err(e) => return Err(e.into()),
+    };
     match first {
         b'P' => {
             // v1: text up to CRLF, byte by byte so that no TLS byte after it is consumed.
@@ -60,6 +69,10 @@ pub async fn read_header<R: AsyncRead + Unpin>(
             let mut buf = vec![0u8; V2_PREFIX];
             buf[0] = first;
             io.read_exact(&mut buf[1..]).await?;
+            // Signature and version 2 before believing the length (up to 64 KiB).
+            if &buf[..12] != ppp::v2::PROTOCOL_PREFIX || buf[12] >> 4 != 2 {
+                return Err(ProxyHeaderError::Malformed("not a v2 signature".into()));
+            }
             let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
             buf.resize(V2_PREFIX + len, 0);
             io.read_exact(&mut buf[V2_PREFIX..]).await?;
@@ -98,6 +111,14 @@ const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
 const PP2_CLIENT_SSL: u8 = 0x01;
 const PP2_CLIENT_CERT_CONN: u8 = 0x02;
 
+/// rustls names TLS 1.3 suites `TLS13_…`; HAProxy and OpenSSL send the IANA name `TLS_…`.
+fn iana_cipher(rustls_name: &str) -> String {
+    match rustls_name.strip_prefix("TLS13_") {
+        Some(rest) => format!("TLS_{rest}"),
+        None => rustls_name.to_string(),
+    }
+}
+
 /// A v2 PROXY header: PROXY command, TCP over the client's address family, the client and
 /// our local address, PP2_TYPE_AUTHORITY (the SNI name) and PP2_TYPE_SSL (version, cipher).
 pub fn v2_header(f: &ClientFacts) -> io::Result<Vec<u8>> {
@@ -120,11 +141,14 @@ pub fn v2_header(f: &ClientFacts) -> io::Result<Vec<u8>> {
     } else {
         PP2_CLIENT_SSL
     }];
-    // verify: 0 = the client certificate (if any) was verified.
-    ssl.extend_from_slice(&0u32.to_be_bytes());
+    // verify: 0 when a client certificate was presented and verified, non-zero otherwise.
+    ssl.extend_from_slice(&u32::from(!f.client_cert).to_be_bytes());
     for (kind, value) in [
         (PP2_SUBTYPE_SSL_VERSION, "TLSv1.3".as_bytes()),
-        (PP2_SUBTYPE_SSL_CIPHER, f.cipher_suite.as_bytes()),
+        (
+            PP2_SUBTYPE_SSL_CIPHER,
+            iana_cipher(f.cipher_suite).as_bytes(),
+        ),
     ] {
         ssl.push(kind);
         ssl.extend_from_slice(&u16::try_from(value.len()).unwrap_or(0).to_be_bytes());

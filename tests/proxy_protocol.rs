@@ -207,7 +207,7 @@ async fn tcp_upstreams_get_a_v2_header_with_the_client_and_tls_facts() {
     assert_eq!(ssl[0] & 0x01, 0x01, "PP2_CLIENT_SSL");
     let sub = String::from_utf8_lossy(&ssl[5..]).to_string();
     assert!(
-        sub.contains("TLSv1.3") && sub.contains("TLS13_AES_128_GCM_SHA256"),
+        sub.contains("TLSv1.3") && sub.contains("TLS_AES_128_GCM_SHA256"),
         "{sub}"
     );
 }
