@@ -198,6 +198,7 @@ impl Server {
         let mut accept_loops = tokio::task::JoinSet::new();
         let mut live = Vec::new();
         let mut cert_series = metrics.certificates_changed(&[], &listeners_certs(&listeners));
+        let mut policy_series = metrics.policies_in_force(&[], &listeners_policies(&listeners));
         for l in listeners {
             live.push(start_listener(
                 l,
@@ -232,6 +233,7 @@ impl Server {
                             &mut config,
                             &mut live,
                             &mut cert_series,
+                            &mut policy_series,
                             &mut accept_loops,
                             &shutdown_rx,
                             &tracker,
@@ -311,6 +313,19 @@ fn start_listener(
     entry
 }
 
+/// `(listener, groups)` of each listener, for `ephemera_tls_policy_info`.
+fn listeners_policies(listeners: &[BoundListener]) -> Vec<(String, String)> {
+    listeners
+        .iter()
+        .map(|l| policy_of(&l.state.load()))
+        .collect()
+}
+
+fn policy_of(p: &PreparedListener) -> (String, String) {
+    let groups: Vec<&str> = p.cfg.tls.groups.iter().map(|g| g.name()).collect();
+    (p.cfg.name.clone(), groups.join(","))
+}
+
 /// `(listener, certificate label, expiry)` of every certificate of `listeners`.
 fn listeners_certs(listeners: &[BoundListener]) -> Vec<(String, String, i64)> {
     listeners
@@ -345,6 +360,7 @@ fn apply_reload(
     config: &mut Config,
     live: &mut Vec<Live>,
     cert_series: &mut Vec<(String, String)>,
+    policy_series: &mut Vec<(String, String)>,
     accept_loops: &mut tokio::task::JoinSet<u64>,
     shutdown: &watch::Receiver<bool>,
     tracker: &TaskTracker,
@@ -409,6 +425,8 @@ fn apply_reload(
         live.push(start_listener(l, accept_loops, shutdown.clone(), tracker));
     }
     *cert_series = metrics.certificates_changed(cert_series, &certs);
+    let policies: Vec<(String, String)> = live.iter().map(|l| policy_of(&l.state.load())).collect();
+    *policy_series = metrics.policies_in_force(policy_series, &policies);
     *config = prepared.config;
     let summary: Vec<String> = live
         .iter()

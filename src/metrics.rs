@@ -419,9 +419,6 @@ impl Metrics {
 
     /// Resolve every per-listener handle once. `groups` is the listener's policy.
     pub fn listener(&self, listener: &str, groups: &[&'static str]) -> ListenerMetrics {
-        self.policy_info
-            .with_label_values(&[listener, "TLSv1.3", &groups.join(","), "off"])
-            .set(1);
         let failures = HandshakeFailure::ALL
             .iter()
             .map(|r| {
@@ -484,6 +481,29 @@ impl Metrics {
                     .collect(),
             }),
         }
+    }
+
+    /// `ephemera_tls_policy_info` for the listeners now serving, `(listener, groups)`; the
+    /// series of policies no longer in force (`old`, as returned last time) are removed.
+    /// Called once a config is in force, never for one still being checked.
+    pub fn policies_in_force(
+        &self,
+        old: &[(String, String)],
+        now: &[(String, String)],
+    ) -> Vec<(String, String)> {
+        for (l, g) in old {
+            if !now.contains(&(l.clone(), g.clone())) {
+                let _ = self
+                    .policy_info
+                    .remove_label_values(&[l, "TLSv1.3", g, "off"]);
+            }
+        }
+        for (l, g) in now {
+            self.policy_info
+                .with_label_values(&[l, "TLSv1.3", g, "off"])
+                .set(1);
+        }
+        now.to_vec()
     }
 
     /// A reload finished: `ok` or not.
@@ -718,6 +738,7 @@ mod tests {
     fn encodes_counters_with_labels() {
         let m = Metrics::new();
         let l = m.listener("public", &["x25519", "secp256r1"]);
+        m.policies_in_force(&[], &[("public".into(), "x25519,secp256r1".into())]);
         l.handshake_ok("x25519", "TLS13_AES_128_GCM_SHA256", "h2", 0.001);
         l.handshake_ok("x25519", "TLS13_AES_128_GCM_SHA256", "h2", 0.001);
         l.handshake_failed(HandshakeFailure::ProtocolVersion);

@@ -277,3 +277,49 @@ async fn moving_a_listener_to_another_address_keeps_the_proxy_running() {
     assert_eq!(c.get("/").await.0, 200);
     assert_eq!(reload(&proxy, &[]).await.0, 200, "still taking reloads");
 }
+
+#[tokio::test]
+async fn the_policy_info_series_follows_the_config_in_force() {
+    let certs = Certs::new(&["localhost"]);
+    let yaml = config_yaml(&certs, None, "", "", "");
+    let path = write_config(&certs, &yaml);
+    let proxy = Proxy::start_file(&path).await;
+    let before = metric(
+        &proxy.metrics().await,
+        "ephemera_tls_policy_info",
+        &["groups=\"x25519,secp256r1,secp384r1\""],
+    );
+    assert_eq!(before, 1.0);
+    std::fs::write(
+        &path,
+        config_yaml(&certs, None, "      groups: [x25519]\n", "", ""),
+    )
+    .unwrap();
+    assert_eq!(reload(&proxy, &[]).await.0, 200);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "ephemera_tls_policy_info", &["groups=\"x25519\""]),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        !m.contains("groups=\"x25519,secp256r1,secp384r1\""),
+        "stale policy series:\n{m}"
+    );
+    // A rejected reload (a second listener on a taken address) leaves no policy series.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = config_yaml(&certs, None, "      groups: [x25519]\n", "", "")
+        + &format!(
+            "  - name: typo\n    bind: {}\n    tls:\n      certificates:\n        - {{ cert: {}, key: {} }}\n      groups: [x25519mlkem768]\n    routes:\n      - {{ respond: {{}} }}\n",
+            taken.local_addr().unwrap(),
+            yaml_path(&certs.cert),
+            yaml_path(&certs.key)
+        );
+    std::fs::write(&path, bad).unwrap();
+    assert_eq!(reload(&proxy, &[]).await.0, 422);
+    let m = proxy.metrics().await;
+    assert!(
+        !m.contains("ephemera_tls_policy_info{groups=\"x25519mlkem768\""),
+        "{m}"
+    );
+}
