@@ -49,6 +49,11 @@ pub enum Command {
         /// (http://HOST:PORT) instead of the built-in response.
         #[arg(long, value_name = "URL", conflicts_with = "config")]
         upstream: Option<String>,
+        /// Keep core dumps possible (debugging only): by default the process sets
+        /// RLIMIT_CORE to 0 and marks itself non-dumpable, since a core file would hold
+        /// private keys and live traffic secrets.
+        #[arg(long)]
+        allow_core_dumps: bool,
     },
     /// Validate a config (files, certificates, keys) and print the effective policy. Exits 0
     /// when valid, 1 otherwise. Binds nothing.
@@ -82,7 +87,17 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
             listen,
             admin,
             upstream,
-        } => serve(config, listen, admin, upstream).await,
+            allow_core_dumps,
+        } => {
+            if allow_core_dumps {
+                tracing::warn!(
+                    "--allow-core-dumps: a core dump of this process would contain private keys and traffic secrets"
+                );
+            } else if let Err(e) = crate::hardening::no_core_dumps() {
+                tracing::warn!(error = %e, "could not disable core dumps");
+            }
+            serve(config, listen, admin, upstream).await
+        }
         Command::Check { config } => check(config),
         Command::Certs { out, names } => {
             let names = if names.is_empty() {

@@ -12,6 +12,7 @@ pub mod body;
 pub mod certgen;
 pub mod cli;
 pub mod config;
+pub mod hardening;
 pub mod http;
 pub mod listener;
 pub mod loadgen;

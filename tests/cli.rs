@@ -903,3 +903,48 @@ async fn a_request_cancelled_before_the_response_is_logged_as_499() {
     assert_eq!(v["fields"]["complete"], false);
     assert_eq!(v["fields"]["path"], "/slow/3000");
 }
+
+fn core_limit(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap()
+        .split_whitespace()
+        .skip(4)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Core dumps are off by default (a core would hold private keys and traffic secrets):
+/// RLIMIT_CORE 0 soft and hard; `--allow-core-dumps` leaves the inherited limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_dumps_are_disabled_unless_allowed() {
+    let serve = Serve::start(&[]).await;
+    let pid = serve.child.id().unwrap();
+    assert_eq!(core_limit(pid), "0 0");
+    let allowed = Serve::start(&["--allow-core-dumps"]).await;
+    let pid = allowed.child.id().unwrap();
+    assert_eq!(core_limit(pid), core_limit(std::process::id()), "inherited");
+    assert!(
+        allowed.log().contains("--allow-core-dumps"),
+        "{}",
+        allowed.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_readable_by_others_is_warned_about() {
+    let certs = Certs::new(&["localhost"]);
+    std::fs::set_permissions(&certs.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = certs.dir.path().join("ephemera.yaml");
+    std::fs::write(&path, config_yaml(&certs, None, "", "", "")).unwrap();
+    let serve = Serve::start_config(&path).await;
+    let log = serve.log();
+    assert!(
+        log.contains("private key file is readable by group or others"),
+        "{log}"
+    );
+    assert!(!log.contains("BEGIN"), "no key material in the log");
+}

@@ -76,11 +76,28 @@ pub struct LoadedCert {
 fn read(src: &PemSource, origin: &Origin) -> Result<Vec<u8>, CertError> {
     match src {
         PemSource::Memory { pem, .. } => Ok(pem.clone()),
-        PemSource::File(path) => std::fs::read(path).map_err(|source| CertError::Read {
-            origin: Box::new(origin.clone()),
-            file: path.display().to_string(),
-            source,
-        }),
+        PemSource::File(path) => {
+            let bytes = std::fs::read(path).map_err(|source| CertError::Read {
+                origin: Box::new(origin.clone()),
+                file: path.display().to_string(),
+                source,
+            })?;
+            warn_if_exposed(path, &bytes);
+            Ok(bytes)
+        }
+    }
+}
+
+/// A private key file that group or others can read is worth a warning (not an error:
+/// some setups rely on a group, e.g. ssl-cert). Only key files: certificates are public.
+fn warn_if_exposed(path: &std::path::Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let is_key = bytes.windows(11).any(|w| w == b"PRIVATE KEY");
+    if let Ok(meta) = std::fs::metadata(path)
+        && is_key
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(file = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "private key file is readable by group or others; chmod 600 it");
     }
 }
 
