@@ -54,6 +54,11 @@ pub enum Command {
         /// private keys and live traffic secrets.
         #[arg(long)]
         allow_core_dumps: bool,
+        /// DEBUGGING ONLY: append every connection's TLS secrets to FILE (SSLKEYLOGFILE
+        /// format, for Wireshark). Anyone with the file and a capture reads the traffic:
+        /// forward secrecy is gone for those connections. Never a config setting.
+        #[arg(long, value_name = "FILE")]
+        keylog: Option<PathBuf>,
     },
     /// Validate a config (files, certificates, keys) and print the effective policy. Exits 0
     /// when valid, 1 otherwise. Binds nothing.
@@ -88,6 +93,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
             admin,
             upstream,
             allow_core_dumps,
+            keylog,
         } => {
             if allow_core_dumps {
                 tracing::warn!(
@@ -96,7 +102,16 @@ pub async fn run(cmd: Command) -> anyhow::Result<i32> {
             } else if let Err(e) = crate::hardening::no_core_dumps() {
                 tracing::warn!(error = %e, "could not disable core dumps");
             }
-            serve(config, listen, admin, upstream).await
+            let keylog = match keylog {
+                None => None,
+                Some(path) => {
+                    let file = crate::tls::keylog::KeyLogFile::open(&path)
+                        .with_context(|| format!("opening --keylog file {}", path.display()))?;
+                    tracing::warn!(file = %path.display(), "--keylog: TLS secrets of every connection are written to this file; forward secrecy is void for them. Debugging only");
+                    Some(std::sync::Arc::new(file) as std::sync::Arc<dyn rustls::KeyLog>)
+                }
+            };
+            serve(config, listen, admin, upstream, keylog).await
         }
         Command::Check { config } => check(config),
         Command::Certs { out, names } => {
@@ -138,8 +153,9 @@ async fn serve(
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     upstream: Option<String>,
+    keylog: Option<std::sync::Arc<dyn rustls::KeyLog>>,
 ) -> anyhow::Result<i32> {
-    let config = match &path {
+    let mut config = match &path {
         Some(p) => Config::load(p)?,
         None => {
             let issued =
@@ -161,6 +177,7 @@ async fn serve(
             )?
         }
     };
+    config.set_keylog(keylog);
     // Installed before the (possibly slow) bind: SIGHUP's default action would kill us.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let mut server = Server::bind(config).await?;

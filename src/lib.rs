@@ -139,6 +139,9 @@ impl Server {
                 source,
             })?;
         tracing::info!(addr = %admin.local_addr, "admin listening (/metrics, /healthz, /readyz, POST /reload)");
+        if config.keylog().is_some() {
+            metrics.keylog_enabled();
+        }
         let (reload, reload_rx) = reload::ReloadHandle::new();
         Ok(Server {
             config,
@@ -367,7 +370,9 @@ fn apply_reload(
     tracker: &TaskTracker,
 ) -> reload::ReloadResult {
     let rejected = |e: &dyn std::fmt::Display| reload::ReloadError::Rejected(e.to_string());
-    let new_config = Config::load(path).map_err(|e| rejected(&e))?;
+    let mut new_config = Config::load(path).map_err(|e| rejected(&e))?;
+    // --keylog is a flag of the process, not of the file: it stays across reloads.
+    new_config.set_keylog(config.keylog());
     let prepared = Prepared::with_metrics(new_config, metrics.clone()).map_err(|e| rejected(&e))?;
     // A listener keeps its socket when its address stays: the same configured address (for
     // port 0, with the same name) or the address it is bound to now.

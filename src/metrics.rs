@@ -186,6 +186,7 @@ pub struct Metrics {
     h2_goaways: IntCounterVec,
     config_reloads: IntCounterVec,
     certificate_expiry: IntGaugeVec,
+    keylog_enabled: IntGauge,
     key_updates: IntCounterVec,
     key_update_failures: IntCounterVec,
     key_updates_deferred: IntCounterVec,
@@ -335,6 +336,16 @@ impl Metrics {
                 "Config reloads (SIGHUP or POST /reload) by result: ok, or error (the previous config kept serving).",
                 &["result"],
             ),
+            keylog_enabled: {
+                let g = IntGauge::new(
+                    "ephemera_tls_keylog_enabled",
+                    "1 while --keylog writes TLS secrets to a file (a debugging flag that defeats forward secrecy).",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             certificate_expiry: gauge_vec(
                 &r,
                 "ephemera_tls_certificate_expiry_timestamp_seconds",
@@ -504,6 +515,10 @@ impl Metrics {
                 .set(1);
         }
         now.to_vec()
+    }
+
+    pub fn keylog_enabled(&self) {
+        self.keylog_enabled.set(1);
     }
 
     /// A reload finished: `ok` or not.

@@ -948,3 +948,43 @@ async fn a_key_file_readable_by_others_is_warned_about() {
     );
     assert!(!log.contains("BEGIN"), "no key material in the log");
 }
+
+/// `--keylog FILE` (debugging only): secrets in SSLKEYLOGFILE format, file mode 0600, a
+/// warning and `ephemera_tls_keylog_enabled 1`. Off by default; refused in a config file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keylog_is_a_flag_only_and_says_so() {
+    let plain = Serve::start(&[]).await;
+    let m = admin_get(plain.admin, "/metrics").await.1;
+    assert_eq!(metric(&m, "ephemera_tls_keylog_enabled", &[]), 0.0, "{m}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.log");
+    let serve = Serve::start(&["--keylog", file.to_str().unwrap()]).await;
+    assert!(serve.log().contains("--keylog"), "{}", serve.log());
+    let (status, _) = curl(serve.addr, "/").await;
+    assert_eq!(status, 200);
+    let m = admin_get(serve.admin, "/metrics").await.1;
+    assert_eq!(metric(&m, "ephemera_tls_keylog_enabled", &[]), 1.0);
+    let text = std::fs::read_to_string(&file).unwrap();
+    for label in [
+        "CLIENT_HANDSHAKE_TRAFFIC_SECRET ",
+        "SERVER_HANDSHAKE_TRAFFIC_SECRET ",
+        "CLIENT_TRAFFIC_SECRET_0 ",
+        "SERVER_TRAFFIC_SECRET_0 ",
+    ] {
+        assert!(text.contains(label), "{label} missing:\n{text}");
+    }
+    assert_eq!(mode(&file), 0o600);
+
+    let certs = Certs::new(&["localhost"]);
+    let path = certs.dir.path().join("ephemera.yaml");
+    std::fs::write(
+        &path,
+        config_yaml(&certs, None, "", "", "") + "keylog: /tmp/keys.log\n",
+    )
+    .unwrap();
+    let out = run(&["check", "--config", path.to_str().unwrap()]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--keylog"), "{stderr}");
+}

@@ -95,6 +95,8 @@ pub struct TlsConfig {
     pub key_update: Option<KeyUpdatePolicy>,
     /// Client certificates (mTLS); `None`: not asked for.
     pub client_auth: Option<ClientAuth>,
+    /// Set only from the command line (`--keylog`), never from a file.
+    pub keylog: Option<std::sync::Arc<dyn rustls::KeyLog>>,
 }
 
 /// `tls.client_auth`: verify client certificates against `ca`.
@@ -336,6 +338,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Log every listener's TLS secrets to `keylog` (the `--keylog` debugging flag).
+    pub fn set_keylog(&mut self, keylog: Option<std::sync::Arc<dyn rustls::KeyLog>>) {
+        for l in &mut self.listeners {
+            l.tls.keylog = keylog.clone();
+        }
+    }
+
+    /// The key log in use, if any.
+    pub fn keylog(&self) -> Option<std::sync::Arc<dyn rustls::KeyLog>> {
+        self.listeners.iter().find_map(|l| l.tls.keylog.clone())
+    }
+
     /// Read and validate a config file. Paths inside it are relative to the working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -21,6 +21,9 @@ pub struct RawConfig {
     pub listeners: Vec<S<RawListener>>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, S<RawUpstream>>,
+    /// Only to refuse it with a clear message: key logging is a command-line flag.
+    #[serde(default)]
+    pub keylog: Option<S<serde::de::IgnoredAny>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +79,9 @@ pub struct RawTls {
     pub key_update: Option<S<RawKeyUpdate>>,
     #[serde(default)]
     pub client_auth: Option<S<RawClientAuth>>,
+    /// Only to refuse it with a clear message.
+    #[serde(default)]
+    pub keylog: Option<S<serde::de::IgnoredAny>>,
 }
 
 #[derive(Debug, Deserialize)]

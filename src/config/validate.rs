@@ -85,6 +85,15 @@ fn line<T>(v: &S<T>) -> u64 {
 
 pub(super) fn validate(raw: raw::RawConfig, file: &str) -> Result<Config, ConfigError> {
     let cx = Ctx { file };
+    const KEYLOG: &str = "key logging defeats forward secrecy and is only a debugging flag: run `ephemera serve --keylog FILE`; it is never read from a config file";
+    if let Some(k) = &raw.keylog {
+        return Err(cx.err("keylog", line(k), KEYLOG));
+    }
+    for (i, l) in raw.listeners.iter().enumerate() {
+        if let Some(k) = &l.value.tls.value.keylog {
+            return Err(cx.err(format!("listeners[{i}].tls.keylog"), line(k), KEYLOG));
+        }
+    }
 
     let admin_bind = match raw.admin.as_ref().and_then(|a| a.bind.as_ref()) {
         Some(b) => cx.addr("admin.bind", b)?,
@@ -365,6 +374,7 @@ fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError
             DEFAULT_HANDSHAKE_TIMEOUT,
         )?,
         key_update: key_update(cx, &format!("{key}.key_update"), r.key_update.as_ref())?,
+        keylog: None,
         client_auth: r.client_auth.as_ref().map(|c| ClientAuth {
             ca: PathBuf::from(c.value.ca.value.trim()),
             required: c.value.required.unwrap_or(true),
@@ -888,6 +898,7 @@ impl Config {
                     handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                     key_update: Some(KeyUpdatePolicy::DEFAULT),
                     client_auth: None,
+                    keylog: None,
                 },
                 http: HttpConfig {
                     header_timeout: DEFAULT_HEADER_TIMEOUT,

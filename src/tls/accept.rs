@@ -132,6 +132,9 @@ impl TlsAcceptor {
         if !http {
             config.alpn_protocols.clear();
         }
+        if let Some(keylog) = &tls.keylog {
+            config.key_log = keylog.clone();
+        }
         Ok(TlsAcceptor {
             config: Arc::new(config),
             resolver,

@@ -6,6 +6,7 @@
 pub mod accept;
 pub mod certs;
 pub mod client_cert;
+pub mod keylog;
 pub mod policy;
 pub mod rekey;
 pub mod stream;
