@@ -965,14 +965,14 @@ async fn keylog_is_a_flag_only_and_says_so() {
     assert_eq!(status, 200);
     let m = admin_get(serve.admin, "/metrics").await.1;
     assert_eq!(metric(&m, "ephemera_tls_keylog_enabled", &[]), 1.0);
-    let text = std::fs::read_to_string(&file).unwrap();
+    let keys = std::fs::read_to_string(&file).unwrap();
     for label in [
         "CLIENT_HANDSHAKE_TRAFFIC_SECRET ",
         "SERVER_HANDSHAKE_TRAFFIC_SECRET ",
         "CLIENT_TRAFFIC_SECRET_0 ",
         "SERVER_TRAFFIC_SECRET_0 ",
     ] {
-        assert!(text.contains(label), "{label} missing:\n{text}");
+        assert!(keys.contains(label), "{label} missing:\n{keys}");
     }
     assert_eq!(mode(&file), 0o600);
 
