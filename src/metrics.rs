@@ -38,6 +38,9 @@ pub enum HandshakeFailure {
     /// The client's certificate did not verify against `tls.client_auth.ca` (unknown issuer,
     /// expired, wrong usage, bad signature).
     ClientCertInvalid,
+    /// `tls.max_concurrent_handshakes` handshakes were already in progress: the connection
+    /// was closed at once, before reading its ClientHello.
+    HandshakeLimit,
     /// `proxy_protocol: true`: a trusted proxy's connection did not start with a valid
     /// PROXY header (or it did not arrive within `handshake_timeout`).
     ProxyProtocol,
@@ -48,7 +51,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 15] = [
+    pub const ALL: [HandshakeFailure; 16] = [
         HandshakeFailure::ProtocolVersion,
         HandshakeFailure::NoSharedGroup,
         HandshakeFailure::NoSharedCipher,
@@ -61,6 +64,7 @@ impl HandshakeFailure {
         HandshakeFailure::Malformed,
         HandshakeFailure::ClientCertMissing,
         HandshakeFailure::ClientCertInvalid,
+        HandshakeFailure::HandshakeLimit,
         HandshakeFailure::ProxyProtocol,
         HandshakeFailure::Io,
         HandshakeFailure::Other,
@@ -80,6 +84,7 @@ impl HandshakeFailure {
             HandshakeFailure::Malformed => "malformed",
             HandshakeFailure::ClientCertMissing => "client_cert_missing",
             HandshakeFailure::ClientCertInvalid => "client_cert_invalid",
+            HandshakeFailure::HandshakeLimit => "handshake_limit",
             HandshakeFailure::ProxyProtocol => "proxy_protocol",
             HandshakeFailure::Io => "io_error",
             HandshakeFailure::Other => "other",

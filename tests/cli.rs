@@ -487,6 +487,7 @@ fn example_config_mentions_every_key() {
         "required",
         "proxy_protocol",
         "ocsp",
+        "max_concurrent_handshakes",
     ] {
         let written = example
             .match_indices(&format!("{key}:"))

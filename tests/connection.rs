@@ -514,3 +514,50 @@ async fn during_a_drain_http1_responses_carry_connection_close() {
     assert_eq!(close.as_deref(), Some("close"));
     assert_eq!(&body[..], b"slow ok");
 }
+
+/// `tls.max_concurrent_handshakes`: with 2 handshakes held open by clients that never send a
+/// ClientHello, a third connection is closed at once and counted; an established connection
+/// keeps working; once a slot frees, new handshakes succeed.
+#[tokio::test]
+async fn handshakes_in_flight_are_capped_and_the_excess_refused() {
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        None,
+        "      max_concurrent_handshakes: 2\n",
+        "",
+        "",
+    ))
+    .await;
+    let mut established = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    let stall1 = TcpStream::connect(proxy.addr).await.unwrap();
+    let stall2 = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"h2"]),
+    )
+    .await;
+    assert!(refused.is_err(), "a third handshake got through");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_tls_handshake_failures_total",
+            &["reason=\"handshake_limit\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        established.get("/").await.0,
+        200,
+        "established connections are unaffected"
+    );
+    drop(stall1);
+    drop(stall2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fresh = HttpClient::connect(proxy.addr, &certs.ca_der(), true).await;
+    assert_eq!(fresh.get("/").await.0, 200);
+}

@@ -91,6 +91,8 @@ pub struct TlsConfig {
     /// Key-exchange groups in server preference order.
     pub groups: Vec<Group>,
     pub handshake_timeout: Duration,
+    /// Handshakes in progress at most; connections past it are closed before any crypto.
+    pub max_concurrent_handshakes: usize,
     /// Forced TLS 1.3 KeyUpdate; `None` when disabled (`key_update: false`).
     pub key_update: Option<KeyUpdatePolicy>,
     /// Client certificates (mTLS); `None`: not asked for.

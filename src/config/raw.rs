@@ -76,6 +76,8 @@ pub struct RawTls {
     #[serde(default)]
     pub handshake_timeout: Option<S<String>>,
     #[serde(default)]
+    pub max_concurrent_handshakes: Option<S<u64>>,
+    #[serde(default)]
     pub key_update: Option<S<RawKeyUpdate>>,
     #[serde(default)]
     pub client_auth: Option<S<RawClientAuth>>,

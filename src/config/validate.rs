@@ -12,6 +12,9 @@ const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Far above what one process serves (each connection needs a file descriptor).
 const MAX_CONNECTIONS: u64 = 10_000_000;
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A core does a few thousand full handshakes a second: 1024 in flight is well past what
+/// legitimate load keeps waiting, and bounds what a flood of slow ClientHellos can hold.
+const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 1024;
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
@@ -373,6 +376,17 @@ fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError
             &r.handshake_timeout,
             DEFAULT_HANDSHAKE_TIMEOUT,
         )?,
+        max_concurrent_handshakes: match &r.max_concurrent_handshakes {
+            None => DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            Some(v) if (1..=1_000_000).contains(&v.value) => v.value as usize,
+            Some(v) => {
+                return Err(cx.err(
+                    format!("{key}.max_concurrent_handshakes"),
+                    line(v),
+                    format!("{} is out of range; allowed 1 to 1000000", v.value),
+                ));
+            }
+        },
         key_update: key_update(cx, &format!("{key}.key_update"), r.key_update.as_ref())?,
         keylog: None,
         client_auth: r.client_auth.as_ref().map(|c| ClientAuth {
@@ -896,6 +910,7 @@ impl Config {
                     strict_sni: false,
                     groups: Group::DEFAULT.to_vec(),
                     handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                    max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
                     key_update: Some(KeyUpdatePolicy::DEFAULT),
                     client_auth: None,
                     keylog: None,

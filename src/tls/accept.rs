@@ -85,6 +85,8 @@ pub struct TlsAcceptor {
     resolver: Arc<SniResolver>,
     strict_sni: bool,
     handshake_timeout: Duration,
+    /// Permits for handshakes in progress (`tls.max_concurrent_handshakes`).
+    in_flight: tokio::sync::Semaphore,
     key_update: Option<KeyUpdatePolicy>,
     next_id: AtomicU64,
     metrics: ListenerMetrics,
@@ -140,6 +142,7 @@ impl TlsAcceptor {
             resolver,
             strict_sni: tls.strict_sni,
             handshake_timeout: tls.handshake_timeout,
+            in_flight: tokio::sync::Semaphore::new(tls.max_concurrent_handshakes),
             key_update: tls.key_update,
             next_id: AtomicU64::new(1),
             metrics,
@@ -150,6 +153,16 @@ impl TlsAcceptor {
 
     /// Run the handshake; every outcome is counted.
     pub async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Established> {
+        // Past the cap, refuse before reading a byte: a flood of (slow) handshakes must not
+        // cost crypto or memory. Established connections hold no permit.
+        let Ok(_slot) = self.in_flight.try_acquire() else {
+            self.refused(
+                HandshakeFailure::HandshakeLimit,
+                &peer,
+                "max_concurrent_handshakes reached",
+            );
+            return None;
+        };
         let started = Instant::now();
         let result = tokio::time::timeout(self.handshake_timeout, self.handshake(tcp)).await;
         let failure = match result {
