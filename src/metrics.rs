@@ -480,7 +480,7 @@ impl Metrics {
         ListenerMetrics {
             inner: Arc::new(ListenerInner {
                 rekey,
-                name: listener.to_string(),
+                name: Arc::from(listener),
                 handshakes_vec: self.handshakes.clone(),
                 handshakes,
                 failures,
@@ -593,7 +593,7 @@ pub struct ListenerMetrics {
 }
 
 struct ListenerInner {
-    name: String,
+    name: Arc<str>,
     rekey: RekeyMetrics,
     handshakes_vec: IntCounterVec,
     // Keyed by (group, suite, alpn), all from closed sets: at most 4 x 3 x 3 entries.
@@ -613,6 +613,11 @@ struct ListenerInner {
 impl ListenerMetrics {
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The name, shared (per-request records keep it without copying).
+    pub fn shared_name(&self) -> Arc<str> {
+        self.inner.name.clone()
     }
 
     pub fn handshake_ok(

@@ -794,22 +794,9 @@ async fn access_log_has_one_json_line_per_request_without_the_query() {
     let backend = start_backend().await;
     let upstream = format!("http://{backend}");
     let serve = Serve::start(&["--upstream", &upstream, "--log-format", "json"]).await;
-    let tls = tls_connect(
-        serve.addr,
-        "localhost",
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(
-                ephemera::loadgen::client_tls::SignatureOnly::new(
-                    provider().signature_verification_algorithms,
-                ),
-            ))
-            .with_no_client_auth(),
-    )
-    .await
-    .unwrap();
+    let tls = tls_connect(serve.addr, "localhost", any_cert_client())
+        .await
+        .unwrap();
     let mut c = HttpClient::over(tls, false).await;
     let (status, _, body) = c.get("/bytes/1234?token=SECRET").await;
     assert_eq!((status, body.len()), (200, 1234));
@@ -871,21 +858,7 @@ async fn a_request_cancelled_before_the_response_is_logged_as_499() {
     let backend = start_backend().await;
     let upstream = format!("http://{backend}");
     let serve = Serve::start(&["--upstream", &upstream, "--log-format", "json"]).await;
-    let tls = tls_connect(
-        serve.addr,
-        "localhost",
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(
-                ephemera::loadgen::client_tls::SignatureOnly::new(
-                    provider().signature_verification_algorithms,
-                ),
-            ))
-            .with_no_client_auth(),
-    )
-    .await;
+    let tls = tls_connect(serve.addr, "localhost", any_cert_client()).await;
     let mut c = HttpClient::over(tls.unwrap(), false).await;
     let pending = c.send(request("GET", "/slow/3000", empty()));
     let _ = tokio::time::timeout(Duration::from_millis(300), pending).await;

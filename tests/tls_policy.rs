@@ -5,7 +5,6 @@
 
 mod common;
 use common::*;
-use ephemera::loadgen::client_tls::SignatureOnly;
 use rustls::client::{
     ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
     Tls13ClientSessionValue,
@@ -111,20 +110,6 @@ fn client_with_roots(
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(store)
-        .with_no_client_auth()
-}
-
-/// Accepts any certificate (no chain or name check) but still verifies the handshake
-/// signature with the presented leaf's key (loadgen's `--insecure` verifier): for looking at
-/// which certificate is served when the name cannot verify (no SNI, unknown SNI).
-fn any_cert_client() -> rustls::ClientConfig {
-    let p = provider();
-    let algs = p.signature_verification_algorithms;
-    rustls::ClientConfig::builder_with_provider(Arc::new(p))
-        .with_protocol_versions(rustls::ALL_VERSIONS)
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SignatureOnly::new(algs)))
         .with_no_client_auth()
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 /// What is known of a request when it arrives; completed by `finish`.
 pub struct AccessEntry {
     started: Instant,
-    listener: String,
+    listener: Arc<str>,
     peer: SocketAddr,
     method: Method,
     path: String,
@@ -30,7 +30,7 @@ pub struct AccessEntry {
 impl AccessEntry {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        listener: &str,
+        listener: Arc<str>,
         peer: SocketAddr,
         method: &Method,
         path: &str,
@@ -40,7 +40,7 @@ impl AccessEntry {
     ) -> AccessEntry {
         AccessEntry {
             started: Instant::now(),
-            listener: listener.to_string(),
+            listener,
             peer,
             method: method.clone(),
             path: path.to_string(),

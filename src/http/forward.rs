@@ -74,7 +74,7 @@ pub async fn handle(
         _h2_stream: (req.version() == Version::HTTP_2).then(|| l.metrics.h2_stream()),
         access: l.cfg.access_log.then(|| {
             Box::new(AccessEntry::new(
-                l.metrics.name(),
+                l.metrics.shared_name(),
                 c.peer,
                 req.method(),
                 req.uri().path(),

@@ -244,6 +244,22 @@ pub fn client_config_with(
     c
 }
 
+/// Accepts any certificate (no chain or name check) but still verifies the handshake
+/// signature with the presented leaf's key (loadgen's `--insecure` verifier): for servers
+/// with a certificate minted in memory, or to see which certificate is served.
+pub fn any_cert_client() -> rustls::ClientConfig {
+    let p = provider();
+    let algs = p.signature_verification_algorithms;
+    rustls::ClientConfig::builder_with_provider(Arc::new(p))
+        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(
+            ephemera::loadgen::client_tls::SignatureOnly::new(algs),
+        ))
+        .with_no_client_auth()
+}
+
 pub async fn tls_connect(
     addr: SocketAddr,
     sni: &str,
