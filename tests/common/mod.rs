@@ -168,6 +168,42 @@ impl Proxy {
     pub async fn metrics(&self) -> String {
         admin_get(self.admin, "/metrics").await.1
     }
+
+    /// Waits up to `within` for the proxy to hold nothing for clients any more: the
+    /// connection and stream gauges at 0, and this process's open descriptors back to
+    /// `fd_baseline` (from `open_fds()` before the test's clients ran). Pooled backend
+    /// connections are allowed for: each holds two descriptors here (the proxy's end and the
+    /// in-process backend's). Panics naming what did not settle, with the figures.
+    pub async fn assert_settled(&self, fd_baseline: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let text = self.metrics().await;
+            let conns = metric(&text, "ephemera_connections_open", &[]);
+            let streams = metric(&text, "ephemera_h2_streams_open", &[]);
+            let pooled = metric(&text, "ephemera_upstream_connections_open", &[]) as usize;
+            let fds = open_fds();
+            let fd_limit = fd_baseline + 2 * pooled;
+            if conns == 0.0 && streams == 0.0 && fds <= fd_limit {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "proxy did not settle within {within:?}: ephemera_connections_open {conns}, \
+                     ephemera_h2_streams_open {streams}, open fds {fds} (baseline {fd_baseline} \
+                     + 2 x {pooled} pooled backend connections = {fd_limit})"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Open file descriptors of this test process. Every test's proxy, backends and clients run
+/// in it, so counts compare only in a test binary whose tests all hold `serial()`.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 impl Drop for Proxy {
