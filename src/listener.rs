@@ -1,14 +1,17 @@
 //! Listeners: bind, the accept loop (connection cap, back-off on EMFILE/ENFILE), and the task
-//! per connection that runs `tls::accept` and then `http::serve_connection`.
+//! per connection: PROXY header, per-address handshake rate, `tls::accept`, then
+//! `http::serve_connection` (or `tcp`), counting why the connection ended.
 //! First stage after `config`; everything a connection does starts here.
 
 use crate::config::{ListenerConfig, ListenerMode};
 use crate::http::route::Router;
 use crate::http::{ListenerHttp, serve_connection};
 use crate::log_limit::LogLimiter;
-use crate::metrics::{ListenerMetrics, Metrics};
+use crate::metrics::{HandshakeFailure, ListenerMetrics, Metrics};
 use crate::tls::TlsAcceptor;
 use crate::tls::accept::TlsSetupError;
+use crate::tls::max_age::ConnectionAge;
+use crate::tls::rate::HandshakeRateLimiter;
 use crate::upstream::{Upstream, UpstreamSetupError};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -29,6 +32,8 @@ pub struct PreparedListener {
     metrics: ListenerMetrics,
     /// `max_connections` permits; kept across a reload that does not change it.
     limit: Arc<Semaphore>,
+    /// `tls.handshake_rate_per_ip` buckets; kept across a reload that does not change it.
+    rate: Option<Arc<HandshakeRateLimiter>>,
     /// `mode: tcp`: the upstream to relay to, and the idle timeout.
     tcp: Option<(Arc<Upstream>, Duration)>,
 }
@@ -67,6 +72,10 @@ impl PreparedListener {
             http: Arc::new(http),
             metrics: lm,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            rate: cfg
+                .tls
+                .handshake_rate_per_ip
+                .map(|r| Arc::new(HandshakeRateLimiter::new(r))),
             tcp: match cfg.mode {
                 ListenerMode::Http => None,
                 ListenerMode::Tcp {
@@ -82,6 +91,11 @@ impl PreparedListener {
     pub fn succeed(&mut self, old: &PreparedListener) {
         if self.cfg.max_connections == old.cfg.max_connections {
             self.limit = old.limit.clone();
+        }
+        if let (Some(new), Some(old)) = (&self.rate, &old.rate)
+            && new.policy() == old.policy()
+        {
+            self.rate = Some(old.clone());
         }
     }
 
@@ -146,12 +160,6 @@ impl BoundListener {
             if *stop.borrow_and_update() {
                 break;
             }
-            // At the cap we stop accepting; the kernel backlog holds new clients meanwhile.
-            let limit = state.load().limit.clone();
-            let permit = tokio::select! {
-                p = limit.acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = stop.changed() => continue,
-            };
             let accepted = tokio::select! {
                 a = tcp.accept() => a,
                 _ = stop.changed() => continue,
@@ -168,7 +176,6 @@ impl BoundListener {
                     if let Some(suppressed) = log.allow() {
                         tracing::warn!(listener = %state.load().cfg.name, %local_addr, error = %e, retry_in = ?backoff, suppressed_since_last = suppressed, "accept failed");
                     }
-                    drop(permit);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => continue,
                         _ = stop.changed() => continue,
@@ -180,8 +187,27 @@ impl BoundListener {
             // Read after the accept: a reload while we waited applies to this connection.
             let prepared = state.load();
             let tls = prepared.tls.clone();
-            let http = prepared.http.clone();
             let open = prepared.metrics.connection_opened();
+            // At the cap the new connection is closed at once: a client learns it now (and
+            // may try another instance) instead of waiting unseen in the backlog.
+            let Ok(permit) = prepared.limit.clone().try_acquire_owned() else {
+                drop(open);
+                tls.refused(
+                    HandshakeFailure::ConnectionLimit,
+                    &peer,
+                    "max_connections reached",
+                );
+                drop(sock);
+                continue;
+            };
+            let http = prepared.http.clone();
+            let metrics = prepared.metrics.clone();
+            let rate = prepared.rate.clone();
+            let max_age = prepared
+                .cfg
+                .tls
+                .max_connection_age
+                .map(|a| (a, prepared.cfg.tls.max_connection_age_grace));
             let shutdown = shutdown.clone();
             let tcp = prepared.tcp.clone();
             let proxied = prepared.cfg.proxy_protocol && http.is_trusted(&peer);
@@ -228,13 +254,27 @@ impl BoundListener {
                         }
                     }
                 }
+                // Before any crypto: a token per handshake for the client's address (the
+                // one a trusted PROXY header named, when there is one).
+                if let Some(rate) = rate
+                    && !rate.allow(peer.ip())
+                {
+                    tls.refused(
+                        HandshakeFailure::RateLimited,
+                        &peer,
+                        "over tls.handshake_rate_per_ip",
+                    );
+                    return;
+                }
                 if let Some(est) = tls.accept(sock, peer).await {
-                    match tcp {
-                        None => serve_connection(est, peer, local, http, shutdown).await,
+                    let age = max_age.map(|(a, grace)| ConnectionAge::start(a, grace));
+                    let reason = match tcp {
+                        None => serve_connection(est, peer, local, http, shutdown, age).await,
                         Some((up, idle)) => {
-                            crate::tcp::serve_connection(est, peer, local, up, idle).await;
+                            crate::tcp::serve_connection(est, peer, local, up, idle, age).await
                         }
-                    }
+                    };
+                    metrics.connection_closed(reason);
                 }
             });
         }

@@ -44,6 +44,12 @@ pub enum HandshakeFailure {
     /// `proxy_protocol: true`: a trusted proxy's connection did not start with a valid
     /// PROXY header (or it did not arrive within `handshake_timeout`).
     ProxyProtocol,
+    /// The listener already held `max_connections` connections: the new one was closed at
+    /// once, before reading its ClientHello.
+    ConnectionLimit,
+    /// The client address was over `tls.handshake_rate_per_ip`: closed at once, before
+    /// reading its ClientHello.
+    RateLimited,
     /// A socket error during the handshake.
     Io,
     /// Anything else rustls refused; the log line carries the detail.
@@ -51,7 +57,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 16] = [
+    pub const ALL: [HandshakeFailure; 18] = [
         HandshakeFailure::ProtocolVersion,
         HandshakeFailure::NoSharedGroup,
         HandshakeFailure::NoSharedCipher,
@@ -66,6 +72,8 @@ impl HandshakeFailure {
         HandshakeFailure::ClientCertInvalid,
         HandshakeFailure::HandshakeLimit,
         HandshakeFailure::ProxyProtocol,
+        HandshakeFailure::ConnectionLimit,
+        HandshakeFailure::RateLimited,
         HandshakeFailure::Io,
         HandshakeFailure::Other,
     ];
@@ -86,6 +94,8 @@ impl HandshakeFailure {
             HandshakeFailure::ClientCertInvalid => "client_cert_invalid",
             HandshakeFailure::HandshakeLimit => "handshake_limit",
             HandshakeFailure::ProxyProtocol => "proxy_protocol",
+            HandshakeFailure::ConnectionLimit => "connection_limit",
+            HandshakeFailure::RateLimited => "rate_limited",
             HandshakeFailure::Io => "io_error",
             HandshakeFailure::Other => "other",
         }
@@ -127,6 +137,60 @@ impl UpstreamErrorKind {
     }
 }
 
+/// Why an established TLS connection ended: the `reason` label of
+/// `ephemera_tls_connections_closed_total`. Each established connection is counted once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The client closed it (or, in TCP mode, both ends finished), with nothing pending.
+    Completed,
+    /// No request (HTTP) or no bytes either way (TCP mode) for the idle timeout.
+    IdleTimeout,
+    /// HTTP/1.1 request headers did not arrive within `header_timeout`.
+    HeaderTimeout,
+    /// The client stopped reading a response or sending a request body for `idle_timeout`.
+    Stalled,
+    /// `tls.max_connection_age` passed: closed gracefully so the client reconnects with a
+    /// fresh handshake.
+    MaxAge,
+    /// The proxy was shutting down (drain).
+    Shutdown,
+    /// We ended it for a protocol violation (an HTTP/2 GOAWAY with an error code: flood
+    /// protections, malformed frames).
+    ProtocolError,
+    /// A socket or TLS error (reset by the peer, a failed key update, a bad record).
+    Error,
+    /// TCP mode: no backend connection could be made.
+    UpstreamUnavailable,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Completed,
+        CloseReason::IdleTimeout,
+        CloseReason::HeaderTimeout,
+        CloseReason::Stalled,
+        CloseReason::MaxAge,
+        CloseReason::Shutdown,
+        CloseReason::ProtocolError,
+        CloseReason::Error,
+        CloseReason::UpstreamUnavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Completed => "completed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::HeaderTimeout => "header_timeout",
+            CloseReason::Stalled => "stalled",
+            CloseReason::MaxAge => "max_age",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::Error => "error",
+            CloseReason::UpstreamUnavailable => "upstream_unavailable",
+        }
+    }
+}
+
 /// Why a request went to another backend attempt: the `reason` label of
 /// `ephemera_upstream_retries_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +203,9 @@ pub enum RetryReason {
 }
 
 /// HTTP/2 error codes a GOAWAY can carry (RFC 9113 §7), as the `reason` label of
-/// `ephemera_h2_goaways_sent_total`, plus `shutdown` and `idle` for our graceful closes.
-pub const GOAWAY_REASONS: [&str; 16] = [
+/// `ephemera_h2_goaways_sent_total`, plus `shutdown`, `idle` and `max_age` for our graceful
+/// closes.
+pub const GOAWAY_REASONS: [&str; 17] = [
     "no_error",
     "protocol_error",
     "internal_error",
@@ -157,6 +222,7 @@ pub const GOAWAY_REASONS: [&str; 16] = [
     "http_1_1_required",
     "shutdown",
     "idle",
+    "max_age",
 ];
 
 /// The TLS 1.3 suites as labelled in `ephemera_tls_handshakes_total{cipher_suite}`.
@@ -180,6 +246,8 @@ pub struct Metrics {
     resumed: IntCounterVec,
     policy_info: IntGaugeVec,
     connections_open: IntGaugeVec,
+    connections_accepted: IntCounterVec,
+    connections_closed: IntCounterVec,
     http_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -282,6 +350,18 @@ impl Metrics {
                 "ephemera_connections_open",
                 "Client connections currently open (handshaking or established).",
                 &["listener"],
+            ),
+            connections_accepted: counter_vec(
+                &r,
+                "ephemera_connections_accepted_total",
+                "Client TCP connections accepted (each then succeeds or fails its handshake).",
+                &["listener"],
+            ),
+            connections_closed: counter_vec(
+                &r,
+                "ephemera_tls_connections_closed_total",
+                "Established TLS connections closed, by reason (a closed set; see README).",
+                &["listener", "reason"],
             ),
             http_requests: counter_vec(
                 &r,
@@ -488,6 +568,17 @@ impl Metrics {
                 hello_retry_requests: self.hello_retry_requests.with_label_values(&[listener]),
                 resumed: self.resumed.with_label_values(&[listener]),
                 connections_open: self.connections_open.with_label_values(&[listener]),
+                connections_accepted: self.connections_accepted.with_label_values(&[listener]),
+                closed: CloseReason::ALL
+                    .iter()
+                    .map(|r| {
+                        (
+                            *r,
+                            self.connections_closed
+                                .with_label_values(&[listener, r.label()]),
+                        )
+                    })
+                    .collect(),
                 http_requests,
                 h2_streams_open: self.h2_streams_open.with_label_values(&[listener]),
                 h2_streams: self.h2_streams.with_label_values(&[listener]),
@@ -603,6 +694,8 @@ struct ListenerInner {
     hello_retry_requests: IntCounter,
     resumed: IntCounter,
     connections_open: IntGauge,
+    connections_accepted: IntCounter,
+    closed: HashMap<CloseReason, IntCounter>,
     http_requests: HashMap<(&'static str, &'static str), IntCounter>,
     h2_streams_open: IntGauge,
     h2_streams: IntCounter,
@@ -657,10 +750,18 @@ impl ListenerMetrics {
         self.inner.resumed.inc();
     }
 
-    /// Counts the connection as open until the guard is dropped.
+    /// Counts the connection as accepted, and as open until the guard is dropped.
     pub fn connection_opened(&self) -> GaugeGuard {
+        self.inner.connections_accepted.inc();
         self.inner.connections_open.inc();
         GaugeGuard(self.inner.connections_open.clone())
+    }
+
+    /// An established TLS connection ended.
+    pub fn connection_closed(&self, reason: CloseReason) {
+        if let Some(c) = self.inner.closed.get(&reason) {
+            c.inc();
+        }
     }
 
     /// `version` is one of `HTTP_VERSIONS`.

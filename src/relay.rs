@@ -1,6 +1,7 @@
 //! Byte relay between a client stream and a backend stream, both ways, half-closes passed
 //! on (EOF from one side shuts down the other's write side; TLS sends close_notify), until
-//! both directions are done, nothing moves for `idle`, or `stop` turns true. Used for
+//! both directions are done, nothing moves for `idle` (or, once `quiet_after` has passed,
+//! for `QUIET`: a pause between messages to close in), or `stop` turns true. Used for
 //! WebSocket after an upgrade (`http::upgrade`) and by TCP-mode listeners (`tcp`).
 
 use std::io;
@@ -13,6 +14,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// Once a relay is asked to wind down (`quiet_after`), this long without a byte either way
+/// ends it: most protocols pause between messages, and cutting there loses nothing.
+pub const QUIET: Duration = Duration::from_secs(1);
+
 /// How a relay ended.
 #[derive(Debug)]
 pub enum RelayEnd {
@@ -22,6 +27,8 @@ pub enum RelayEnd {
     Failed(io::Error),
     /// Nothing moved either way for the idle timeout.
     Idle,
+    /// Winding down (`quiet_after` passed) and nothing moved for `QUIET`.
+    Quiet,
     /// `stop` turned true.
     Stopped,
 }
@@ -30,6 +37,7 @@ pub async fn relay<A, B>(
     client: A,
     backend: B,
     idle: Duration,
+    quiet_after: Option<Instant>,
     stop: Option<watch::Receiver<bool>>,
 ) -> RelayEnd
 where
@@ -43,11 +51,23 @@ where
     let watchdog = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
-            let deadline = epoch + since + idle;
-            if Instant::now() >= deadline {
-                return;
+            let idle_by = epoch + since + idle;
+            let now = Instant::now();
+            if now >= idle_by {
+                return RelayEnd::Idle;
             }
-            tokio::time::sleep_until(deadline).await;
+            let wake = match quiet_after {
+                Some(from) if now >= from => {
+                    let quiet_by = (epoch + since + QUIET).max(from + QUIET);
+                    if now >= quiet_by {
+                        return RelayEnd::Quiet;
+                    }
+                    quiet_by.min(idle_by)
+                }
+                Some(from) => from.min(idle_by),
+                None => idle_by,
+            };
+            tokio::time::sleep_until(wake).await;
         }
     };
     let stopped = async {
@@ -63,7 +83,7 @@ where
             Ok((up, down)) => RelayEnd::Closed(up, down),
             Err(e) => RelayEnd::Failed(e),
         },
-        _ = watchdog => RelayEnd::Idle,
+        end = watchdog => end,
         _ = stopped => RelayEnd::Stopped,
     }
 }

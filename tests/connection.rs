@@ -245,8 +245,11 @@ async fn slow_request_headers_are_cut_off_by_header_timeout() {
     assert!(started.elapsed() < Duration::from_secs(4));
 }
 
+/// At `max_connections` a new connection is closed at once (the client learns now, not
+/// after waiting unseen in the backlog) and counted; open ones are unaffected; once one
+/// closes, new connections are served again.
 #[tokio::test]
-async fn connections_over_max_connections_wait_for_a_free_slot() {
+async fn connections_over_max_connections_are_closed_promptly() {
     let _serial = serial().await;
     let certs = Certs::new(&["localhost"]);
     let yaml = config_yaml(&certs, None, "", "", "").replace(
@@ -258,30 +261,42 @@ async fn connections_over_max_connections_wait_for_a_free_slot() {
     let a = tls_connect(proxy.addr, "localhost", cfg.clone())
         .await
         .unwrap();
-    let b = tls_connect(proxy.addr, "localhost", cfg.clone())
-        .await
-        .unwrap();
-    // A third handshake is not served while two connections are open…
-    let third = tokio::spawn(tls_connect(proxy.addr, "localhost", cfg.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !third.is_finished(),
-        "third connection must wait at the cap"
-    );
+    let mut b = HttpClient::over(
+        tls_connect(proxy.addr, "localhost", cfg.clone())
+            .await
+            .unwrap(),
+        false,
+    )
+    .await;
+    // A deadline far above a refusal's cost, far below the handshake timeout (10 s) that a
+    // connection left waiting would run into.
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        tls_connect(proxy.addr, "localhost", cfg.clone()),
+    )
+    .await
+    .expect("a connection over the cap must be closed promptly, not left waiting");
+    assert!(third.is_err(), "a third connection got through the cap");
+    let m = proxy.metrics().await;
     assert_eq!(
-        metric(&proxy.metrics().await, "ephemera_connections_open", &[]),
-        2.0
+        metric(
+            &m,
+            "ephemera_tls_handshake_failures_total",
+            &["reason=\"connection_limit\""]
+        ),
+        1.0,
+        "{m}"
     );
-    // …and is served as soon as one closes.
+    assert_eq!(metric(&m, "ephemera_connections_open", &[]), 2.0);
+    assert_eq!(metric(&m, "ephemera_connections_accepted_total", &[]), 3.0);
+    assert_eq!(b.get("/").await.0, 200, "open connections are unaffected");
     drop(a);
-    let c = tokio::time::timeout(Duration::from_secs(5), third)
+    wait_connections_open(&proxy, 1).await;
+    let c = tls_connect(proxy.addr, "localhost", cfg.clone())
         .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+        .expect("served again once a slot is free");
     let mut c = HttpClient::over(c, false).await;
     assert_eq!(c.get("/").await.0, 200);
-    drop(b);
 }
 
 #[tokio::test]

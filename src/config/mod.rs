@@ -95,10 +95,28 @@ pub struct TlsConfig {
     pub max_concurrent_handshakes: usize,
     /// Forced TLS 1.3 KeyUpdate; `None` when disabled (`key_update: false`).
     pub key_update: Option<KeyUpdatePolicy>,
+    /// Past this age (less a per-connection jitter of up to 10%) a connection is closed
+    /// gracefully; `None` when disabled (`max_connection_age: false`).
+    pub max_connection_age: Option<Duration>,
+    /// How long a connection past its age may take to finish what is in flight.
+    pub max_connection_age_grace: Duration,
+    /// New handshakes per client address; `None`: unlimited.
+    pub handshake_rate_per_ip: Option<HandshakeRate>,
     /// Client certificates (mTLS); `None`: not asked for.
     pub client_auth: Option<ClientAuth>,
     /// Set only from the command line (`--keylog`), never from a file.
     pub keylog: Option<std::sync::Arc<dyn rustls::KeyLog>>,
+}
+
+/// `tls.handshake_rate_per_ip`: a token bucket per client address.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HandshakeRate {
+    /// Tokens added per second (sustained handshakes per second).
+    pub per_second: f64,
+    /// Bucket size: handshakes allowed at once after a quiet spell.
+    pub burst: u32,
+    /// IPv6 clients are keyed by this prefix length (one host usually holds a whole /64).
+    pub ipv6_prefix: u8,
 }
 
 /// `tls.client_auth`: verify client certificates against `ca`.

@@ -80,6 +80,12 @@ pub struct RawTls {
     #[serde(default)]
     pub key_update: Option<S<RawKeyUpdate>>,
     #[serde(default)]
+    pub max_connection_age: Option<S<RawDurationOrOff>>,
+    #[serde(default)]
+    pub max_connection_age_grace: Option<S<String>>,
+    #[serde(default)]
+    pub handshake_rate_per_ip: Option<S<RawHandshakeRate>>,
+    #[serde(default)]
     pub client_auth: Option<S<RawClientAuth>>,
     /// Only to refuse it with a clear message.
     #[serde(default)]
@@ -129,6 +135,111 @@ impl<'de> Deserialize<'de> for RawKeyUpdate {
             ) -> Result<RawKeyUpdate, A::Error> {
                 RawKeyUpdateLimits::deserialize(serde::de::value::MapAccessDeserializer::new(map))
                     .map(RawKeyUpdate::Limits)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A duration, or `false` / `off` to disable what it bounds.
+#[derive(Debug)]
+pub enum RawDurationOrOff {
+    Off,
+    Duration(String),
+}
+
+impl<'de> Deserialize<'de> for RawDurationOrOff {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDurationOrOff;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration such as 24h, or false (off)")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawDurationOrOff, E> {
+                if v {
+                    Err(E::custom(
+                        "true is not a duration: write one such as 24h, or false to turn it off",
+                    ))
+                } else {
+                    Ok(RawDurationOrOff::Off)
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDurationOrOff, E> {
+                Ok(match v.trim() {
+                    "off" | "false" => RawDurationOrOff::Off,
+                    d => RawDurationOrOff::Duration(d.to_string()),
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawDurationOrOff, E> {
+                Ok(RawDurationOrOff::Duration(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `handshake_rate_per_ip: 20` (per second), `false`, or
+/// `{ per_second: 20, burst: 40, ipv6_prefix: 64 }`.
+#[derive(Debug)]
+pub enum RawHandshakeRate {
+    Off,
+    PerSecond(f64),
+    Limits(RawHandshakeRateLimits),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHandshakeRateLimits {
+    pub per_second: f64,
+    #[serde(default)]
+    pub burst: Option<u64>,
+    #[serde(default)]
+    pub ipv6_prefix: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for RawHandshakeRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawHandshakeRate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("false, handshakes per second (a number), or a map { per_second: N, burst: N, ipv6_prefix: N }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawHandshakeRate, E> {
+                if v {
+                    Err(E::custom(
+                        "true is not a rate: write handshakes per second (e.g. 20), or false to turn it off",
+                    ))
+                } else {
+                    Ok(RawHandshakeRate::Off)
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawHandshakeRate, E> {
+                Ok(RawHandshakeRate::PerSecond(v as f64))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawHandshakeRate, E> {
+                Ok(RawHandshakeRate::PerSecond(v as f64))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RawHandshakeRate, E> {
+                Ok(RawHandshakeRate::PerSecond(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawHandshakeRate, E> {
+                match v.trim() {
+                    "off" | "false" => Ok(RawHandshakeRate::Off),
+                    other => Err(E::custom(format!(
+                        "'{other}' is not a rate: write handshakes per second (e.g. 20), or false"
+                    ))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawHandshakeRate, A::Error> {
+                RawHandshakeRateLimits::deserialize(serde::de::value::MapAccessDeserializer::new(
+                    map,
+                ))
+                .map(RawHandshakeRate::Limits)
             }
         }
         d.deserialize_any(Visitor)

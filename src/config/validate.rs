@@ -12,6 +12,9 @@ const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Far above what one process serves (each connection needs a file descriptor).
 const MAX_CONNECTIONS: u64 = 10_000_000;
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A day bounds how long one set of traffic secrets (and its KeyUpdate chain) lives.
+const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 /// A core does a few thousand full handshakes a second: 1024 in flight is well past what
 /// legitimate load keeps waiting, and bounds what a flood of slow ClientHellos can hold.
 const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 1024;
@@ -388,12 +391,92 @@ fn tls(cx: &Ctx, key: &str, t: &S<raw::RawTls>) -> Result<TlsConfig, ConfigError
             }
         },
         key_update: key_update(cx, &format!("{key}.key_update"), r.key_update.as_ref())?,
+        max_connection_age: max_connection_age(
+            cx,
+            &format!("{key}.max_connection_age"),
+            r.max_connection_age.as_ref(),
+        )?,
+        max_connection_age_grace: cx.duration(
+            &format!("{key}.max_connection_age_grace"),
+            &r.max_connection_age_grace,
+            DEFAULT_MAX_CONNECTION_AGE_GRACE,
+        )?,
+        handshake_rate_per_ip: handshake_rate(
+            cx,
+            &format!("{key}.handshake_rate_per_ip"),
+            r.handshake_rate_per_ip.as_ref(),
+        )?,
         keylog: None,
         client_auth: r.client_auth.as_ref().map(|c| ClientAuth {
             ca: PathBuf::from(c.value.ca.value.trim()),
             required: c.value.required.unwrap_or(true),
         }),
     })
+}
+
+fn max_connection_age(
+    cx: &Ctx,
+    key: &str,
+    v: Option<&S<raw::RawDurationOrOff>>,
+) -> Result<Option<Duration>, ConfigError> {
+    let Some(v) = v else {
+        return Ok(Some(DEFAULT_MAX_CONNECTION_AGE));
+    };
+    let text = match &v.value {
+        raw::RawDurationOrOff::Off => return Ok(None),
+        raw::RawDurationOrOff::Duration(d) => d,
+    };
+    let d = parse_duration(text).map_err(|m| cx.err(key, line(v), m))?;
+    if d < Duration::from_secs(1) {
+        return Err(cx.err(
+            key,
+            line(v),
+            format!("{text} is below the minimum of 1s (write false to turn it off)"),
+        ));
+    }
+    Ok(Some(d))
+}
+
+fn handshake_rate(
+    cx: &Ctx,
+    key: &str,
+    v: Option<&S<raw::RawHandshakeRate>>,
+) -> Result<Option<HandshakeRate>, ConfigError> {
+    let Some(v) = v else { return Ok(None) };
+    let (per_second, burst, prefix) = match &v.value {
+        raw::RawHandshakeRate::Off => return Ok(None),
+        raw::RawHandshakeRate::PerSecond(r) => (*r, None, None),
+        raw::RawHandshakeRate::Limits(l) => (l.per_second, l.burst, l.ipv6_prefix),
+    };
+    if !(per_second.is_finite() && (0.001..=1_000_000.0).contains(&per_second)) {
+        return Err(cx.err(
+            format!("{key}.per_second"),
+            line(v),
+            format!("{per_second} is out of range; allowed 0.001 to 1000000"),
+        ));
+    }
+    // By default the bucket holds one second's worth (at least one handshake).
+    let burst = burst.unwrap_or(per_second.ceil() as u64);
+    if !(1..=1_000_000).contains(&burst) {
+        return Err(cx.err(
+            format!("{key}.burst"),
+            line(v),
+            format!("{burst} is out of range; allowed 1 to 1000000"),
+        ));
+    }
+    let prefix = prefix.unwrap_or(64);
+    if !(1..=128).contains(&prefix) {
+        return Err(cx.err(
+            format!("{key}.ipv6_prefix"),
+            line(v),
+            format!("{prefix} is out of range; allowed 1 to 128"),
+        ));
+    }
+    Ok(Some(HandshakeRate {
+        per_second,
+        burst: burst as u32,
+        ipv6_prefix: prefix as u8,
+    }))
 }
 
 fn key_update(
@@ -912,6 +995,9 @@ impl Config {
                     handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                     max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
                     key_update: Some(KeyUpdatePolicy::DEFAULT),
+                    max_connection_age: Some(DEFAULT_MAX_CONNECTION_AGE),
+                    max_connection_age_grace: DEFAULT_MAX_CONNECTION_AGE_GRACE,
+                    handshake_rate_per_ip: None,
                     client_auth: None,
                     keylog: None,
                 },

@@ -1,15 +1,17 @@
 //! One client connection's HTTP service: HTTP/2 when ALPN chose `h2`, HTTP/1.1 otherwise
 //! (hyper-util's auto builder sniffs the preface but does not read ALPN, so we decide). Runs
-//! the connection-level timeouts (header, idle), graceful shutdown, and the lingering close.
+//! the connection-level timeouts (header, idle), the age limit (`tls.max_connection_age`),
+//! graceful shutdown, and the lingering close; says why the connection ended.
 //! Called by `listener` after `tls::accept`; calls `forward` per request.
 
 use super::activity::{Activity, ActivityIo, Deadline};
 use super::forward::{self, ConnContext};
 use super::route::Router;
 use crate::config::HttpConfig;
-use crate::metrics::ListenerMetrics;
+use crate::metrics::{CloseReason, ListenerMetrics};
 use crate::tls::Established;
 use crate::tls::accept::Alpn;
+use crate::tls::max_age::ConnectionAge;
 use crate::tls::stream::close_lingering;
 use crate::upstream::Upstream;
 use hyper::service::service_fn;
@@ -43,15 +45,17 @@ impl ListenerHttp {
     }
 }
 
-/// Serve HTTP on an established TLS connection until it closes, times out, or `shutdown`
-/// turns true (then gracefully: GOAWAY for HTTP/2, close after the response for HTTP/1.1).
+/// Serve HTTP on an established TLS connection until it closes, times out, `shutdown` turns
+/// true or `age` passes its close time (then gracefully: GOAWAY for HTTP/2, close after the
+/// response for HTTP/1.1; cut at the end of the grace).
 pub async fn serve_connection(
     est: Established,
     peer: SocketAddr,
     local: SocketAddr,
     l: Arc<ListenerHttp>,
     mut shutdown: watch::Receiver<bool>,
-) {
+    age: Option<ConnectionAge>,
+) -> CloseReason {
     let Established {
         stream: client,
         closed: returned,
@@ -60,13 +64,16 @@ pub async fn serve_connection(
     } = est;
     let activity = Activity::new();
     let h2 = info.alpn == Alpn::H2;
+    // What this connection's WebSocket relays stop on: the proxy's shutdown, or the end of
+    // the age grace (they may outlive hyper's connection: an HTTP/1.1 upgrade ends it).
+    let (relays_stop, relays_stop_rx) = watch::channel(*shutdown.borrow());
     let cx = Arc::new(ConnContext {
         peer,
         local,
         tls: info,
         trusted_peer: l.is_trusted(&peer),
         activity: activity.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: relays_stop_rx,
         key_updates: client.key_updates(),
     });
 
@@ -112,33 +119,41 @@ pub async fn serve_connection(
     // Set once we start a graceful close ourselves (idle): the peer gets this long to finish
     // (HTTP/2: GOAWAY, then the final GOAWAY after a PING round trip) before we cut it.
     let mut close_by: Option<Instant> = None;
+    // Set when we decide to close (or cut) the connection; otherwise the outcome decides.
+    let mut why: Option<CloseReason> = None;
     let mut closing = *shutdown.borrow();
     if closing {
+        why = Some(CloseReason::Shutdown);
         conn.as_mut().graceful_shutdown();
     }
-    loop {
+    let age_close = age.map(|a| a.close_at);
+    let ended = loop {
         let wake = if closing {
             close_by
         } else {
-            match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
+            let t = match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
                 Deadline::Busy => None,
                 Deadline::HeaderBy(t) | Deadline::IdleBy(t) | Deadline::StalledBy(t) => Some(t),
-            }
+            };
+            earliest(t, age_close)
         };
         tokio::select! {
             res = conn.as_mut() => {
-                if let Err(e) = res {
-                    if let Some(reason) = goaway_we_sent(e.as_ref()) {
-                        l.metrics.goaway_sent(reason);
-                        tracing::debug!(%peer, reason, error = %e, "HTTP/2 connection closed with GOAWAY");
-                    } else {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+                let Err(e) = res else {
+                    break why.unwrap_or(CloseReason::Completed);
+                };
+                if let Some(reason) = goaway_we_sent(e.as_ref()) {
+                    l.metrics.goaway_sent(reason);
+                    tracing::debug!(%peer, reason, error = %e, "HTTP/2 connection closed with GOAWAY");
+                    break why.unwrap_or(CloseReason::ProtocolError);
                 }
-                break;
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                break why.unwrap_or(CloseReason::Error);
             }
             _ = shutdown.changed(), if !closing => {
                 closing = true;
+                why = Some(CloseReason::Shutdown);
+                relays_stop.send_replace(true);
                 if h2 {
                     l.metrics.goaway_sent("shutdown");
                 }
@@ -150,24 +165,36 @@ pub async fn serve_connection(
                 if closing {
                     if close_by.is_some_and(|t| now >= t) {
                         tracing::debug!(%peer, "graceful close did not finish in time; closing");
-                        break;
+                        break why.unwrap_or(CloseReason::Completed);
                     }
+                    continue;
+                }
+                if let Some(a) = age.filter(|a| now >= a.close_at) {
+                    tracing::debug!(%peer, "past max_connection_age; closing gracefully");
+                    if h2 {
+                        l.metrics.goaway_sent("max_age");
+                    }
+                    closing = true;
+                    why = Some(CloseReason::MaxAge);
+                    close_by = Some(a.cut_at);
+                    conn.as_mut().graceful_shutdown();
                     continue;
                 }
                 match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
                     Deadline::HeaderBy(t) if now >= t => {
                         tracing::debug!(%peer, "request headers not received within header_timeout; closing");
-                        break;
+                        break CloseReason::HeaderTimeout;
                     }
                     Deadline::StalledBy(t) if now >= t => {
                         tracing::debug!(%peer, "client read nothing for idle_timeout with a response pending; closing");
-                        break;
+                        break CloseReason::Stalled;
                     }
                     Deadline::IdleBy(t) if now >= t => {
                         if h2 {
                             l.metrics.goaway_sent("idle");
                         }
                         closing = true;
+                        why = Some(CloseReason::IdleTimeout);
                         close_by = Some(now + IDLE_CLOSE_GRACE.min(l.cfg.idle_timeout));
                         conn.as_mut().graceful_shutdown();
                     }
@@ -175,11 +202,39 @@ pub async fn serve_connection(
                 }
             }
         }
-    }
-    // Dropping hyper's connection hands the TLS stream back through `returned`.
+    };
+    // Dropping hyper's connection hands the TLS stream back through `returned` once nothing
+    // else holds it: an upgraded HTTP/1.1 connection's WebSocket relay may still run, until
+    // it ends, the proxy shuts down, or the connection's age grace runs out.
     drop(conn);
-    if let Ok(tls) = returned.await {
+    if closing {
+        relays_stop.send_replace(true);
+    }
+    let mut returned = returned;
+    let mut relay_cut = None;
+    let tls = loop {
+        tokio::select! {
+            r = &mut returned => break r,
+            _ = shutdown.changed(), if !*relays_stop.borrow() => {
+                relays_stop.send_replace(true);
+                relay_cut = Some(CloseReason::Shutdown);
+            }
+            _ = sleep_until_opt(age.map(|a| a.cut_at)), if !*relays_stop.borrow() => {
+                relays_stop.send_replace(true);
+                relay_cut = Some(CloseReason::MaxAge);
+            }
+        }
+    };
+    if let Ok(tls) = tls {
         close_lingering(tls).await;
+    }
+    relay_cut.unwrap_or(ended)
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -171,13 +171,17 @@ async fn relay(
         TokioIo::new(client),
         TokioIo::new(backend),
         idle,
+        None,
         Some(shutdown),
     )
     .await
     {
         RelayEnd::Failed(e) => tracing::debug!(error = %e, "WebSocket relay ended with an error"),
         RelayEnd::Idle => tracing::debug!("WebSocket relay idle for idle_timeout; closing"),
-        RelayEnd::Stopped => tracing::debug!("shutting down; closing WebSocket relay"),
+        RelayEnd::Stopped => {
+            tracing::debug!("shutting down or past max_connection_age; closing WebSocket relay")
+        }
+        RelayEnd::Quiet => {}
         RelayEnd::Closed(..) => {}
     }
 }
