@@ -1087,6 +1087,75 @@ mod tests {
     }
 
     #[test]
+    fn max_connection_age_and_handshake_rate_forms() {
+        let t = tls_of("").unwrap();
+        assert_eq!(t.max_connection_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(t.max_connection_age_grace, Duration::from_secs(30));
+        assert_eq!(t.handshake_rate_per_ip, None);
+        for off in ["false", "off"] {
+            let t = tls_of(&format!("      max_connection_age: {off}\n")).unwrap();
+            assert_eq!(t.max_connection_age, None);
+        }
+        let t =
+            tls_of("      max_connection_age: 90m\n      max_connection_age_grace: 5s\n").unwrap();
+        assert_eq!(t.max_connection_age, Some(Duration::from_secs(5400)));
+        assert_eq!(t.max_connection_age_grace, Duration::from_secs(5));
+        let r = tls_of("      handshake_rate_per_ip: 20\n")
+            .unwrap()
+            .handshake_rate_per_ip
+            .unwrap();
+        assert_eq!((r.per_second, r.burst, r.ipv6_prefix), (20.0, 20, 64));
+        let r = tls_of("      handshake_rate_per_ip: 0.5\n")
+            .unwrap()
+            .handshake_rate_per_ip
+            .unwrap();
+        assert_eq!((r.per_second, r.burst), (0.5, 1));
+        let r =
+            tls_of("      handshake_rate_per_ip: { per_second: 5, burst: 50, ipv6_prefix: 56 }\n")
+                .unwrap()
+                .handshake_rate_per_ip
+                .unwrap();
+        assert_eq!((r.per_second, r.burst, r.ipv6_prefix), (5.0, 50, 56));
+        let off = tls_of("      handshake_rate_per_ip: false\n").unwrap();
+        assert_eq!(off.handshake_rate_per_ip, None);
+    }
+
+    #[test]
+    fn max_connection_age_and_handshake_rate_errors_name_key_and_line() {
+        for (yaml, want) in [
+            (
+                "      max_connection_age: 500ms\n",
+                "listeners[0].tls.max_connection_age (line 6)",
+            ),
+            ("      max_connection_age: true\n", "true is not a duration"),
+            (
+                "      max_connection_age: soon\n",
+                "listeners[0].tls.max_connection_age (line 6)",
+            ),
+            (
+                "      handshake_rate_per_ip: 0\n",
+                "listeners[0].tls.handshake_rate_per_ip.per_second (line 6)",
+            ),
+            (
+                "      handshake_rate_per_ip: { per_second: 5, burst: 0 }\n",
+                "listeners[0].tls.handshake_rate_per_ip.burst (line 6)",
+            ),
+            (
+                "      handshake_rate_per_ip: { per_second: 5, ipv6_prefix: 129 }\n",
+                "listeners[0].tls.handshake_rate_per_ip.ipv6_prefix (line 6)",
+            ),
+            (
+                "      handshake_rate_per_ip: { per_second: 5, brust: 9 }\n",
+                "brust",
+            ),
+            ("      handshake_rate_per_ip: lots\n", "lots"),
+        ] {
+            let e = tls_of(yaml).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("line 6"), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn key_update_errors_name_key_and_line() {
         let e = tls_of("      key_update: { max_bytes: 1KiB }\n")
             .unwrap_err()
