@@ -16,6 +16,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
 /// Why a certificate could not be loaded. Each error names the config entry and the file.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +74,18 @@ pub struct LoadedCert {
     pub algorithm: SignatureAlgorithm,
 }
 
-fn read(src: &PemSource, origin: &Origin) -> Result<Vec<u8>, CertError> {
+/// The file's bytes, wiped from memory when dropped: a key file's PEM text is the private
+/// key (rustls wipes its parsed copy itself).
+fn read(src: &PemSource, origin: &Origin) -> Result<Zeroizing<Vec<u8>>, CertError> {
     match src {
-        PemSource::Memory { pem, .. } => Ok(pem.clone()),
+        PemSource::Memory { pem, .. } => Ok(Zeroizing::new(pem.clone())),
         PemSource::File(path) => {
             let bytes = std::fs::read(path).map_err(|source| CertError::Read {
                 origin: Box::new(origin.clone()),
                 file: path.display().to_string(),
                 source,
             })?;
+            let bytes = Zeroizing::new(bytes);
             warn_if_exposed(path, &bytes);
             Ok(bytes)
         }
