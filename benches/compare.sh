@@ -543,7 +543,7 @@ run_client() { # client server port out
         RATE=- LAT=-
         ;;
     loadgen)
-        taskset -c "$CLIENT_CPU" "$EPH" loadgen "https://127.0.0.1:$port/" --sni localhost --mode handshake \
+        taskset -c "$CLIENT_CPU" "$EPH" loadgen "https://localhost:$port/" --mode handshake \
             -c "$LG_CONNS" -d "${DURATION}s" --insecure --json >"$out" 2>"$out.err" ||
             die "$s: ephemera loadgen failed: $(tail -n 5 "$out.err")"
         COUNT=$(json_get "$out" handshakes)
@@ -697,7 +697,7 @@ report_client() { # client
     loadgen)
         unit=handshake
         title="TLS 1.3 full handshake, \`ephemera loadgen\`: server CPU per connection"
-        load="\`ephemera loadgen https://127.0.0.1:PORT/ --sni localhost --mode handshake -c $LG_CONNS -d ${DURATION}s --insecure --json\`: $LG_CONNS concurrent connections, each a new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256, ALPN h2), one GET / over HTTP/2, close; rate and p99 as loadgen observed them (p99 of the whole connection: connect + handshake + request)"
+        load="\`ephemera loadgen https://localhost:PORT/ --mode handshake -c $LG_CONNS -d ${DURATION}s --insecure --json\`: $LG_CONNS concurrent connections, each a new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256, ALPN h2), one GET / over HTTP/2, close; rate and p99 as loadgen observed them (p99 of the whole connection: connect + handshake + request)"
         latname="client p99 ms/conn"
         ;;
     h2load)
