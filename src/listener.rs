@@ -266,12 +266,20 @@ impl BoundListener {
                     );
                     return;
                 }
-                if let Some(est) = tls.accept(sock, peer).await {
+                // Boxed like the serving below: the handshake's state is freed when it ends.
+                if let Some(est) = Box::pin(tls.accept(sock, peer)).await {
                     let age = max_age.map(|(a, grace)| ConnectionAge::start(a, grace));
+                    // Boxed: this task then holds the handshake's state or a pointer, never
+                    // both, and an idle connection costs only what serving it needs.
                     let reason = match tcp {
-                        None => serve_connection(est, peer, local, http, shutdown, age).await,
+                        None => {
+                            Box::pin(serve_connection(est, peer, local, http, shutdown, age)).await
+                        }
                         Some((up, idle)) => {
-                            crate::tcp::serve_connection(est, peer, local, up, idle, age).await
+                            Box::pin(crate::tcp::serve_connection(
+                                est, peer, local, up, idle, age,
+                            ))
+                            .await
                         }
                     };
                     metrics.connection_closed(reason);

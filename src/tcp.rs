@@ -82,7 +82,9 @@ pub async fn serve_connection(
         }
     };
     if let Ok(tls) = returned.await {
-        close_lingering(tls).await;
+        // Boxed: its state (the TLS stream, a read buffer) would otherwise be part of this
+        // future, and so of every idle connection's memory.
+        Box::pin(close_lingering(tls)).await;
     }
     reason
 }

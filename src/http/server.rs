@@ -48,14 +48,18 @@ impl ListenerHttp {
 /// Serve HTTP on an established TLS connection until it closes, times out, `shutdown` turns
 /// true or `age` passes its close time (then gracefully: GOAWAY for HTTP/2, close after the
 /// response for HTTP/1.1; cut at the end of the grace).
-pub async fn serve_connection(
+///
+/// The setup runs here, before the returned future is first polled: that future then holds
+/// only what serving needs (hyper's connection is boxed), which is what an idle connection
+/// costs in memory.
+pub fn serve_connection(
     est: Established,
     peer: SocketAddr,
     local: SocketAddr,
     l: Arc<ListenerHttp>,
     mut shutdown: watch::Receiver<bool>,
     age: Option<ConnectionAge>,
-) -> CloseReason {
+) -> impl Future<Output = CloseReason> + Send {
     let Established {
         stream: client,
         closed: returned,
@@ -113,122 +117,129 @@ pub async fn serve_connection(
     };
     let io = TokioIo::new(ActivityIo::new(client, activity.clone()));
     // Boxed, not stack-pinned: it must really be dropped below to get the stream back.
-    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
-
-    let header_timeout = (!h2).then_some(l.cfg.header_timeout);
-    // Set once we start a graceful close ourselves (idle): the peer gets this long to finish
-    // (HTTP/2: GOAWAY, then the final GOAWAY after a PING round trip) before we cut it.
-    let mut close_by: Option<Instant> = None;
-    // Set when we decide to close (or cut) the connection; otherwise the outcome decides.
-    let mut why: Option<CloseReason> = None;
-    let mut closing = *shutdown.borrow();
-    if closing {
-        why = Some(CloseReason::Shutdown);
-        conn.as_mut().graceful_shutdown();
-    }
-    let age_close = age.map(|a| a.close_at);
-    let ended = loop {
-        let wake = if closing {
-            close_by
-        } else {
-            let t = match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
-                Deadline::Busy => None,
-                Deadline::HeaderBy(t) | Deadline::IdleBy(t) | Deadline::StalledBy(t) => Some(t),
-            };
-            earliest(t, age_close)
-        };
-        tokio::select! {
-            res = conn.as_mut() => {
-                let Err(e) = res else {
-                    break why.unwrap_or(CloseReason::Completed);
+    let mut conn = Box::pin(
+        builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned(),
+    );
+    async move {
+        let header_timeout = (!h2).then_some(l.cfg.header_timeout);
+        // Set once we start a graceful close ourselves (idle): the peer gets this long to finish
+        // (HTTP/2: GOAWAY, then the final GOAWAY after a PING round trip) before we cut it.
+        let mut close_by: Option<Instant> = None;
+        // Set when we decide to close (or cut) the connection; otherwise the outcome decides.
+        let mut why: Option<CloseReason> = None;
+        let mut closing = *shutdown.borrow();
+        if closing {
+            why = Some(CloseReason::Shutdown);
+            conn.as_mut().graceful_shutdown();
+        }
+        let age_close = age.map(|a| a.close_at);
+        let ended = loop {
+            let wake = if closing {
+                close_by
+            } else {
+                let t = match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
+                    Deadline::Busy => None,
+                    Deadline::HeaderBy(t) | Deadline::IdleBy(t) | Deadline::StalledBy(t) => Some(t),
                 };
-                if let Some(reason) = goaway_we_sent(e.as_ref()) {
-                    l.metrics.goaway_sent(reason);
-                    tracing::debug!(%peer, reason, error = %e, "HTTP/2 connection closed with GOAWAY");
-                    break why.unwrap_or(CloseReason::ProtocolError);
-                }
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-                break why.unwrap_or(CloseReason::Error);
-            }
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
-                why = Some(CloseReason::Shutdown);
-                relays_stop.send_replace(true);
-                if h2 {
-                    l.metrics.goaway_sent("shutdown");
-                }
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = activity.changed(), if !closing => {}
-            _ = sleep_until_opt(wake) => {
-                let now = Instant::now();
-                if closing {
-                    if close_by.is_some_and(|t| now >= t) {
-                        tracing::debug!(%peer, "graceful close did not finish in time; closing");
+                earliest(t, age_close)
+            };
+            tokio::select! {
+                res = conn.as_mut() => {
+                    let Err(e) = res else {
                         break why.unwrap_or(CloseReason::Completed);
+                    };
+                    if let Some(reason) = goaway_we_sent(e.as_ref()) {
+                        l.metrics.goaway_sent(reason);
+                        tracing::debug!(%peer, reason, error = %e, "HTTP/2 connection closed with GOAWAY");
+                        break why.unwrap_or(CloseReason::ProtocolError);
                     }
-                    continue;
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    break why.unwrap_or(CloseReason::Error);
                 }
-                if let Some(a) = age.filter(|a| now >= a.close_at) {
-                    tracing::debug!(%peer, "past max_connection_age; closing gracefully");
-                    if h2 {
-                        l.metrics.goaway_sent("max_age");
-                    }
+                _ = shutdown.changed(), if !closing => {
                     closing = true;
-                    why = Some(CloseReason::MaxAge);
-                    close_by = Some(a.cut_at);
+                    why = Some(CloseReason::Shutdown);
+                    relays_stop.send_replace(true);
+                    if h2 {
+                        l.metrics.goaway_sent("shutdown");
+                    }
                     conn.as_mut().graceful_shutdown();
-                    continue;
                 }
-                match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
-                    Deadline::HeaderBy(t) if now >= t => {
-                        tracing::debug!(%peer, "request headers not received within header_timeout; closing");
-                        break CloseReason::HeaderTimeout;
+                _ = activity.changed(), if !closing => {}
+                _ = sleep_until_opt(wake) => {
+                    let now = Instant::now();
+                    if closing {
+                        if close_by.is_some_and(|t| now >= t) {
+                            tracing::debug!(%peer, "graceful close did not finish in time; closing");
+                            break why.unwrap_or(CloseReason::Completed);
+                        }
+                        continue;
                     }
-                    Deadline::StalledBy(t) if now >= t => {
-                        tracing::debug!(%peer, "client read nothing for idle_timeout with a response pending; closing");
-                        break CloseReason::Stalled;
-                    }
-                    Deadline::IdleBy(t) if now >= t => {
+                    if let Some(a) = age.filter(|a| now >= a.close_at) {
+                        tracing::debug!(%peer, "past max_connection_age; closing gracefully");
                         if h2 {
-                            l.metrics.goaway_sent("idle");
+                            l.metrics.goaway_sent("max_age");
                         }
                         closing = true;
-                        why = Some(CloseReason::IdleTimeout);
-                        close_by = Some(now + IDLE_CLOSE_GRACE.min(l.cfg.idle_timeout));
+                        why = Some(CloseReason::MaxAge);
+                        close_by = Some(a.cut_at);
                         conn.as_mut().graceful_shutdown();
+                        continue;
                     }
-                    _ => {}
+                    match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
+                        Deadline::HeaderBy(t) if now >= t => {
+                            tracing::debug!(%peer, "request headers not received within header_timeout; closing");
+                            break CloseReason::HeaderTimeout;
+                        }
+                        Deadline::StalledBy(t) if now >= t => {
+                            tracing::debug!(%peer, "client read nothing for idle_timeout with a response pending; closing");
+                            break CloseReason::Stalled;
+                        }
+                        Deadline::IdleBy(t) if now >= t => {
+                            if h2 {
+                                l.metrics.goaway_sent("idle");
+                            }
+                            closing = true;
+                            why = Some(CloseReason::IdleTimeout);
+                            close_by = Some(now + IDLE_CLOSE_GRACE.min(l.cfg.idle_timeout));
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        _ => {}
+                    }
                 }
             }
+        };
+        // Dropping hyper's connection hands the TLS stream back through `returned` once nothing
+        // else holds it: an upgraded HTTP/1.1 connection's WebSocket relay may still run, until
+        // it ends, the proxy shuts down, or the connection's age grace runs out.
+        drop(conn);
+        if closing {
+            relays_stop.send_replace(true);
         }
-    };
-    // Dropping hyper's connection hands the TLS stream back through `returned` once nothing
-    // else holds it: an upgraded HTTP/1.1 connection's WebSocket relay may still run, until
-    // it ends, the proxy shuts down, or the connection's age grace runs out.
-    drop(conn);
-    if closing {
-        relays_stop.send_replace(true);
-    }
-    let mut returned = returned;
-    let mut relay_cut = None;
-    let tls = loop {
-        tokio::select! {
-            r = &mut returned => break r,
-            _ = shutdown.changed(), if !*relays_stop.borrow() => {
-                relays_stop.send_replace(true);
-                relay_cut = Some(CloseReason::Shutdown);
+        let mut returned = returned;
+        let mut relay_cut = None;
+        let tls = loop {
+            tokio::select! {
+                r = &mut returned => break r,
+                _ = shutdown.changed(), if !*relays_stop.borrow() => {
+                    relays_stop.send_replace(true);
+                    relay_cut = Some(CloseReason::Shutdown);
+                }
+                _ = sleep_until_opt(age.map(|a| a.cut_at)), if !*relays_stop.borrow() => {
+                    relays_stop.send_replace(true);
+                    relay_cut = Some(CloseReason::MaxAge);
+                }
             }
-            _ = sleep_until_opt(age.map(|a| a.cut_at)), if !*relays_stop.borrow() => {
-                relays_stop.send_replace(true);
-                relay_cut = Some(CloseReason::MaxAge);
-            }
+        };
+        if let Ok(tls) = tls {
+            // Boxed: its state (the TLS stream, a read buffer) would otherwise be part of this
+            // future, and so of every idle connection's memory.
+            Box::pin(close_lingering(tls)).await;
         }
-    };
-    if let Ok(tls) = tls {
-        close_lingering(tls).await;
+        relay_cut.unwrap_or(ended)
     }
-    relay_cut.unwrap_or(ended)
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
