@@ -214,7 +214,16 @@ async fn a_burst_over_max_connections_is_refused_at_once_and_the_cap_holds() {
     open.truncate(CAP - 5);
     wait_connections_open(&serve, (CAP - 5) as f64).await;
     for i in 0..5usize {
-        let mut c = HttpClient::connect(serve.addr, &certs.ca_der(), i.is_multiple_of(2)).await;
+        let h2 = i.is_multiple_of(2);
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_connect(
+            serve.addr,
+            "localhost",
+            client_config(&certs.ca_der(), alpn),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("new connection {i} of 5 after 5 closed: {e}"));
+        let mut c = HttpClient::over(tls, h2).await;
         assert_eq!(c.get("/").await.0, 200);
         open.push(c);
     }
