@@ -4,6 +4,7 @@
 //! shutdown with a request in flight. Tests that need curl skip without it (unless CI is set).
 
 mod common;
+use common::serve::{Serve, logged_addr};
 use common::*;
 use ephemera::Prepared;
 use ephemera::config::Config;
@@ -14,10 +15,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/ephemera.yaml");
@@ -95,113 +95,6 @@ async fn curl_result(child: Child) -> (u16, String) {
 
 async fn curl(addr: SocketAddr, path: &str) -> (u16, String) {
     curl_result(curl_spawn(addr, path, &[])).await
-}
-
-/// `ephemera serve` as a child process, its stderr (the log) collected as it arrives.
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Serve {
-    async fn start(extra: &[&str]) -> Serve {
-        let mut args = vec!["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
-        args.extend_from_slice(extra);
-        Serve::spawn(&args).await
-    }
-
-    /// `serve --config FILE` (the file must bind the listener and admin to port 0).
-    async fn start_config(path: &Path) -> Serve {
-        Serve::spawn(&["--config", path.to_str().unwrap()]).await
-    }
-
-    async fn spawn(args: &[&str]) -> Serve {
-        let mut child = Command::new(bin())
-            .arg("serve")
-            .args(args)
-            .env("EPHEMERA_LOG", "info")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let current = log.lock().unwrap().clone();
-            let addr = logged_addr(&current, "listening (TLS 1.3)");
-            let admin = logged_addr(&current, "admin listening");
-            if let (Some(addr), Some(admin)) = (addr, admin) {
-                return Serve {
-                    child,
-                    addr,
-                    admin,
-                    log,
-                };
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                panic!("serve exited early ({status}):\n{}", log.lock().unwrap());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no listening addresses logged within 20 s:\n{current}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn sigterm(&self) {
-        self.signal("-TERM");
-    }
-
-    fn signal(&self, which: &str) {
-        let pid = self.child.id().expect("still running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([which, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {which} {pid} failed");
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
-        match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!("serve did not exit within {limit:?}:\n{}", self.log()),
-        }
-    }
-}
-
-/// The `addr=IP:PORT` field of the first log line containing `message`.
-fn logged_addr(log: &str, message: &str) -> Option<SocketAddr> {
-    let line = log.lines().find(|l| l.contains(message))?;
-    // Text: `addr=IP:PORT`; JSON (`--log-format json`): `"addr":"IP:PORT"`.
-    line.split_whitespace()
-        .find_map(|f| f.strip_prefix("addr="))
-        .or_else(|| line.split("\"addr\":\"").nth(1)?.split('"').next())?
-        .parse()
-        .ok()
 }
 
 #[test]
@@ -685,57 +578,6 @@ async fn sigterm_drains_in_flight_request_and_refuses_new_connections() {
         let log = serve.log();
         assert!(log.contains("all connections drained"), "{proto}:\n{log}");
     }
-}
-
-/// utime + stime of a process, in clock ticks (usually 1/100 s).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-#[tokio::test]
-async fn accept_backs_off_on_emfile_and_recovers() {
-    if !have_curl() {
-        return;
-    }
-    let mut serve = Serve::start(&[]).await;
-    let pid = serve.child.id().unwrap();
-    // Few descriptors left: the accept loop soon fails with EMFILE.
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), "--nofile=64:64"])
-        .status()
-        .expect("prlimit (util-linux) is needed");
-    assert!(status.success());
-    let mut held = Vec::new();
-    for _ in 0..100 {
-        if let Ok(s) = tokio::net::TcpStream::connect(serve.addr).await {
-            held.push(s);
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // While descriptors are exhausted the loop backs off instead of spinning.
-    let before = cpu_ticks(pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let spent = cpu_ticks(pid) - before;
-    assert!(
-        spent < 50,
-        "{spent} ticks of CPU in 2 s: the accept loop spins"
-    );
-    assert!(serve.log().contains("accept failed"), "{}", serve.log());
-    // Descriptors come back: the proxy serves again.
-    drop(held);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (status, body) = curl(serve.addr, "/").await;
-    assert_eq!(status, 200, "{body}");
-    assert!(serve.running());
-    serve.sigterm();
-    assert!(serve.exit_within(Duration::from_secs(10)).await.success());
 }
 
 /// SIGHUP reloads the config file: a broken file is refused with a log line naming the
