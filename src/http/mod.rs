@@ -10,3 +10,10 @@ pub mod server;
 pub mod upgrade;
 
 pub use server::{ListenerHttp, serve_connection};
+
+/// hyper's HTTP/1.1 buffer limit (read buffer, and queued writes before backpressure), for
+/// client and backend connections. hyper's default is about 400 KiB per direction, so a
+/// client that stops reading a large response held about 1.4 MiB through the proxy until
+/// `idle_timeout` (tests/slow_clients.rs); 64 KiB is four TLS records, enough to keep a
+/// transfer moving.
+pub const MAX_H1_BUFFER: usize = 64 * 1024;

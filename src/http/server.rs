@@ -92,7 +92,10 @@ pub fn serve_connection(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // No hyper timer on HTTP/1.1: its header_read_timeout would also run while a keep-alive
     // connection is idle. Ours (`Activity`) starts at the first byte of a request.
-    builder.http1().keep_alive(true);
+    builder
+        .http1()
+        .keep_alive(true)
+        .max_buf_size(super::MAX_H1_BUFFER);
     let h2_limits = &l.cfg.h2;
     builder
         .http2()

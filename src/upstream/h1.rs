@@ -102,7 +102,12 @@ pub async fn handshake(
     generation: u64,
     metrics: &UpstreamMetrics,
 ) -> Result<Conn, hyper::Error> {
-    let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    // hyper buffers up to ~400 KiB per direction by default; a client that stops reading
+    // would hold that much per connection here (and again on its side) until idle_timeout.
+    let (sender, conn) = http1::Builder::new()
+        .max_buf_size(crate::http::MAX_H1_BUFFER)
+        .handshake(TokioIo::new(io))
+        .await?;
     let addr = server.to_string();
     let open = metrics.connection_opened();
     let driver = tokio::spawn(async move {
