@@ -216,7 +216,12 @@ impl BoundListener {
                 let _permit = permit;
                 let _open = open;
                 let mut sock = sock;
-                let local = sock.local_addr().unwrap_or(local_addr);
+                // Bound to one address, that is the local address: no getsockname per connection.
+                let local = if local_addr.ip().is_unspecified() {
+                    sock.local_addr().unwrap_or(local_addr)
+                } else {
+                    local_addr
+                };
                 let mut peer = peer;
                 if proxied {
                     // The load balancer's header names the client; it must come first.
