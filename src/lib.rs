@@ -113,6 +113,11 @@ struct Live {
 impl Server {
     /// Prepare and bind everything; logs each bound address (port 0 resolves here).
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        // aws-lc seeds its random generator from CPU jitter on first use (about 0.1 s of
+        // CPU): pay it here, not in the first client's handshake.
+        let _ = tls::policy::provider(&[])
+            .secure_random
+            .fill(&mut [0u8; 32]);
         let metrics = Metrics::new();
         let Prepared {
             config,
