@@ -456,6 +456,10 @@ async fn a_backend_that_never_answers_is_a_504_counted_as_response_timeout() {
                 &[("response_timeout", 1.0)],
                 &what,
             );
+            if !h2_backend {
+                // An HTTP/1.1 connection with a response still owed cannot be used again.
+                fx.await_app_connections_closed().await;
+            }
             fx.still_serves(Some(&mut client), h2, &what).await;
         }
         fx.finish().await;
@@ -502,7 +506,8 @@ async fn h1_answers(mut sock: TcpStream, bytes: &'static [u8]) {
 
 /// A malformed answer is not an answer: a GET (bodyless, idempotent) is sent once more,
 /// then 502; a POST gets 502 at once. Each attempt counts as `protocol`.
-async fn assert_malformed_is_502(fx: &Fixture, what: &str) {
+/// With `closes`, the proxy must not keep the backend connection afterwards.
+async fn assert_malformed_is_502(fx: &Fixture, what: &str, closes: bool) {
     for h2 in CLIENTS {
         let what = format!("{what}, {}", client_name(h2));
         let mut client = fx.client(h2).await;
@@ -518,6 +523,9 @@ async fn assert_malformed_is_502(fx: &Fixture, what: &str) {
         assert_eq!(status, 502, "{what}: POST");
         assert_counted(&before, &fx.errors().await, &[("protocol", 1.0)], &what);
         assert_eq!(fx.retries_unanswered().await, retries + 1.0, "{what}");
+        if closes {
+            fx.await_app_connections_closed().await;
+        }
         fx.still_serves(Some(&mut client), h2, &what).await;
     }
 }
@@ -543,7 +551,7 @@ async fn a_malformed_http1_response_is_a_502_counted_as_protocol() {
     for (name, bytes) in cases {
         let backend = RawBackend::start(move |s, _| h1_answers(s, bytes)).await;
         let fx = Fixture::start("http1", backend.addr).await;
-        assert_malformed_is_502(&fx, &format!("http1 backend: {name}")).await;
+        assert_malformed_is_502(&fx, &format!("http1 backend: {name}"), true).await;
         fx.finish().await;
     }
 }
@@ -578,7 +586,9 @@ async fn a_malformed_h2c_response_is_a_502_counted_as_protocol() {
     for (name, block) in cases {
         let backend = RawBackend::start(move |s, _| h2_answers(s, block)).await;
         let fx = Fixture::start("h2c", backend.addr).await;
-        assert_malformed_is_502(&fx, &format!("h2c backend: {name}")).await;
+        // A malformed response is a stream error; undecodable HPACK ends the connection.
+        let closes = name == "undecodable HPACK";
+        assert_malformed_is_502(&fx, &format!("h2c backend: {name}"), closes).await;
         fx.finish().await;
     }
 }
@@ -648,6 +658,8 @@ async fn an_http1_body_cut_short_reaches_the_client_visibly_truncated() {
             go.notify_one();
             assert_truncated(resp, h2, announced, &what).await;
             assert_counted(&before, &fx.errors().await, &[("truncated", 1.0)], &what);
+            // The broken backend connection is not kept.
+            fx.await_app_connections_closed().await;
             // An HTTP/1.1 client's connection ends with the response; an HTTP/2 client's
             // carries on.
             fx.still_serves(h2.then_some(&mut client), h2, &what).await;
@@ -721,6 +733,7 @@ async fn an_h2c_body_cut_short_reaches_the_client_visibly_truncated() {
             RawBackend::start(move |s, _| h2_body_fault(s, fault, announce, g.clone())).await;
         let fx = Fixture::start("h2c", backend.addr).await;
         let announced = announce.then_some(FULL);
+        let connection_ends = matches!(fault, H2BodyFault::GoAwayThenFin | H2BodyFault::Closed(_));
         for h2 in CLIENTS {
             let what = format!(
                 "h2c backend {fault:?} (length announced: {announce}), {}",
@@ -732,7 +745,18 @@ async fn an_h2c_body_cut_short_reaches_the_client_visibly_truncated() {
             go.notify_one();
             assert_truncated(resp, h2, announced, &what).await;
             assert_counted(&before, &fx.errors().await, &[("truncated", 1.0)], &what);
+            if connection_ends {
+                fx.await_app_connections_closed().await;
+            }
             fx.still_serves(h2.then_some(&mut client), h2, &what).await;
+        }
+        if !connection_ends {
+            // A reset stream leaves the multiplexed connection to the others.
+            assert_eq!(
+                backend.accepted(),
+                1,
+                "{fault:?}: one backend connection throughout"
+            );
         }
         fx.finish().await;
     }
