@@ -110,8 +110,8 @@ impl Fixture {
         .await
     }
 
-    /// Waits (up to 5 s) until the proxy holds no connection to `app`: it has seen the
-    /// backend close the one it pooled.
+    /// Waits (up to 5 s) until the proxy holds no connection to `app`: it noticed that the
+    /// backend closed it, or closed it itself after a fault.
     async fn await_app_connections_closed(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
@@ -123,7 +123,7 @@ impl Fixture {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the proxy did not notice within 5 s that the backend closed its connection"
+                "the proxy still holds {open} connection(s) to the backend after 5 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -135,16 +135,16 @@ impl Fixture {
         if let Some(c) = client {
             let (status, _, body) = c.get("/healthy").await;
             assert_eq!(
-                (status, &body[..]),
-                (200, &b"backend ok"[..]),
+                (status, String::from_utf8_lossy(&body)),
+                (200, "backend ok".into()),
                 "{what}: same client afterwards"
             );
         }
         let mut fresh = self.client(h2).await;
         let (status, _, body) = fresh.get("/healthy").await;
         assert_eq!(
-            (status, &body[..]),
-            (200, &b"backend ok"[..]),
+            (status, String::from_utf8_lossy(&body)),
+            (200, "backend ok".into()),
             "{what}: new client afterwards"
         );
     }
@@ -204,7 +204,7 @@ async fn send(client: &mut HttpClient, method: &str, path: &str) -> Response<Inc
 }
 
 /// Status and whole body (which must end within 10 s).
-async fn answer(client: &mut HttpClient, method: &str, path: &str) -> (u16, Vec<u8>) {
+async fn answer(client: &mut HttpClient, method: &str, path: &str) -> (u16, String) {
     let resp = send(client, method, path).await;
     let status = resp.status().as_u16();
     let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
@@ -212,7 +212,7 @@ async fn answer(client: &mut HttpClient, method: &str, path: &str) -> (u16, Vec<
         .expect("body within 10 s")
         .expect("body complete")
         .to_bytes();
-    (status, body.to_vec())
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The HTTP/2 error code in `e`'s chain of causes.
@@ -766,20 +766,24 @@ async fn an_h2c_body_cut_short_reaches_the_client_visibly_truncated() {
 
 #[derive(Clone, Copy, Debug)]
 enum KeepAlive {
-    /// Answer one request (keep-alive), then close the idle connection at once; over
-    /// HTTP/2 with `goaway`, announce it with GOAWAY first.
-    CloseAfterAnswer(Cut, bool),
+    /// Answer one request (keep-alive), then, on the test's go-ahead (once the proxy has
+    /// pooled the connection), close it while idle; over HTTP/2 with `goaway`, announce it
+    /// with GOAWAY first.
+    CloseWhenIdle(Cut, bool),
     /// Answer the first request (keep-alive); when the next one arrives on the same
     /// connection, close without answering it.
     CloseOnReuse(Cut),
 }
 
-async fn h1_keep_alive(mut sock: TcpStream, mode: KeepAlive) {
+async fn h1_keep_alive(mut sock: TcpStream, mode: KeepAlive, go: Arc<Notify>) {
     if read_request(&mut sock).await.is_none() || sock.write_all(OK_RESPONSE).await.is_err() {
         return;
     }
     match mode {
-        KeepAlive::CloseAfterAnswer(how, _) => cut(sock, how).await,
+        KeepAlive::CloseWhenIdle(how, _) => {
+            go_ahead(&go).await;
+            cut(sock, how).await;
+        }
         KeepAlive::CloseOnReuse(how) => {
             if read_request(&mut sock).await.is_some() {
                 cut(sock, how).await;
@@ -788,7 +792,7 @@ async fn h1_keep_alive(mut sock: TcpStream, mode: KeepAlive) {
     }
 }
 
-async fn h2_keep_alive(mut sock: TcpStream, mode: KeepAlive) {
+async fn h2_keep_alive(mut sock: TcpStream, mode: KeepAlive, go: Arc<Notify>) {
     if !h2_accept(&mut sock).await {
         return;
     }
@@ -799,7 +803,8 @@ async fn h2_keep_alive(mut sock: TcpStream, mode: KeepAlive) {
         return;
     }
     match mode {
-        KeepAlive::CloseAfterAnswer(how, goaway_first) => {
+        KeepAlive::CloseWhenIdle(how, goaway_first) => {
+            go_ahead(&go).await;
             if goaway_first {
                 let _ = sock.write_all(&goaway(stream, code::NO_ERROR)).await;
             }
@@ -813,12 +818,18 @@ async fn h2_keep_alive(mut sock: TcpStream, mode: KeepAlive) {
     }
 }
 
-async fn keep_alive_backend(protocol: &str, mode: KeepAlive) -> RawBackend {
+async fn keep_alive_backend(protocol: &str, mode: KeepAlive, go: Arc<Notify>) -> RawBackend {
     if protocol == "h2c" {
-        RawBackend::start(move |s, _| h2_keep_alive(s, mode)).await
+        RawBackend::start(move |s, _| h2_keep_alive(s, mode, go.clone())).await
     } else {
-        RawBackend::start(move |s, _| h1_keep_alive(s, mode)).await
+        RawBackend::start(move |s, _| h1_keep_alive(s, mode, go.clone())).await
     }
+}
+
+/// Time for the proxy to pool an HTTP/1.1 connection whose response the client has read:
+/// it is parked once the proxy has read the response to its end, a moment later.
+async fn let_the_proxy_pool_it() {
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 /// The backend closes a pooled connection while it is idle: the pool notices and the next
@@ -828,14 +839,15 @@ async fn keep_alive_backend(protocol: &str, mode: KeepAlive) -> RawBackend {
 async fn a_pooled_connection_the_backend_closed_is_not_reused() {
     let _serial = serial().await;
     let cases = [
-        ("http1", KeepAlive::CloseAfterAnswer(Cut::Fin, false)),
-        ("http1", KeepAlive::CloseAfterAnswer(Cut::Reset, false)),
-        ("h2c", KeepAlive::CloseAfterAnswer(Cut::Fin, false)),
-        ("h2c", KeepAlive::CloseAfterAnswer(Cut::Fin, true)),
-        ("h2c", KeepAlive::CloseAfterAnswer(Cut::Reset, false)),
+        ("http1", KeepAlive::CloseWhenIdle(Cut::Fin, false)),
+        ("http1", KeepAlive::CloseWhenIdle(Cut::Reset, false)),
+        ("h2c", KeepAlive::CloseWhenIdle(Cut::Fin, false)),
+        ("h2c", KeepAlive::CloseWhenIdle(Cut::Fin, true)),
+        ("h2c", KeepAlive::CloseWhenIdle(Cut::Reset, false)),
     ];
     for (protocol, mode) in cases {
-        let backend = keep_alive_backend(protocol, mode).await;
+        let go = Arc::new(Notify::new());
+        let backend = keep_alive_backend(protocol, mode, go.clone()).await;
         let fx = Fixture::start(protocol, backend.addr).await;
         let before = fx.errors().await;
         let mut requests = 0;
@@ -846,10 +858,12 @@ async fn a_pooled_connection_the_backend_closed_is_not_reused() {
                 let (status, body) = answer(&mut client, method, "/").await;
                 requests += 1;
                 assert_eq!(
-                    (status, &body[..]),
-                    (200, &b"backend ok"[..]),
+                    (status, body.as_str()),
+                    (200, "backend ok"),
                     "{what}: {method}"
                 );
+                let_the_proxy_pool_it().await;
+                go.notify_one();
                 fx.await_app_connections_closed().await;
             }
             fx.still_serves(Some(&mut client), h2, &what).await;
@@ -876,25 +890,24 @@ async fn a_reused_connection_the_backend_closes_unanswered_retries_a_get_and_fai
     for (protocol, mode) in cases {
         for h2 in CLIENTS {
             let what = format!("{protocol} backend {mode:?}, {}", client_name(h2));
-            let backend = keep_alive_backend(protocol, mode).await;
+            let backend = keep_alive_backend(protocol, mode, Arc::new(Notify::new())).await;
             let fx = Fixture::start(protocol, backend.addr).await;
             let mut client = fx.client(h2).await;
             let before = fx.errors().await;
-            // Connection A answers, and is pooled (HTTP/1.1: once the response has been
-            // read to its end, which a moment after the client has it).
+            // Connection A answers, and is pooled.
             let (status, _) = answer(&mut client, "GET", "/").await;
             assert_eq!(status, 200, "{what}: first GET");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let_the_proxy_pool_it().await;
             // A is reused and closes: the GET goes again, on new connection B.
             let (status, body) = answer(&mut client, "GET", "/").await;
-            assert_eq!((status, &body[..]), (200, &b"backend ok"[..]), "{what}");
+            assert_eq!((status, body.as_str()), (200, "backend ok"), "{what}");
             assert_eq!(
                 backend.accepted(),
                 2,
                 "{what}: the GET was retried on a new connection"
             );
             assert_eq!(fx.retries_unanswered().await, 1.0, "{what}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let_the_proxy_pool_it().await;
             // B is reused and closes: the POST's body is gone, so 502.
             let (status, _) = answer(&mut client, "POST", "/").await;
             assert_eq!(status, 502, "{what}: POST");
@@ -953,8 +966,8 @@ async fn back_to_back_requests_racing_the_backends_close_never_fail_a_get_or_han
             for i in 0..20 {
                 let (status, body) = answer(&mut client, "GET", "/").await;
                 assert_eq!(
-                    (status, &body[..]),
-                    (200, &b"backend ok"[..]),
+                    (status, body.as_str()),
+                    (200, "backend ok"),
                     "{what}: GET {i}"
                 );
             }
