@@ -107,7 +107,8 @@ impl HandshakeFailure {
 pub enum UpstreamErrorKind {
     /// A server refused or failed the TCP connection (the next server is tried).
     Connect,
-    /// A TCP connect took longer than `connect_timeout`.
+    /// Opening a connection took longer than `connect_timeout` (TCP connect, backend TLS
+    /// handshake, or an HTTP/2 backend's first SETTINGS).
     ConnectTimeout,
     /// No response headers within `response_timeout` (answered 504).
     ResponseTimeout,
@@ -116,15 +117,19 @@ pub enum UpstreamErrorKind {
     /// The TLS handshake with an `h2` backend failed (certificate not verified, no common
     /// version, the backend did not choose ALPN h2).
     Tls,
+    /// The response body failed after its head had gone to the client (reset, connection
+    /// closed early, malformed chunk, shorter than its Content-Length): the client saw it cut off.
+    Truncated,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 5] = [
+    pub const ALL: [UpstreamErrorKind; 6] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::ResponseTimeout,
         UpstreamErrorKind::Protocol,
         UpstreamErrorKind::Tls,
+        UpstreamErrorKind::Truncated,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -133,6 +138,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::ResponseTimeout => "response_timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::Tls => "tls",
+            UpstreamErrorKind::Truncated => "truncated",
         }
     }
 }

@@ -256,12 +256,26 @@ pub async fn handshake(
         }
     });
     let settled = tokio::time::timeout(timeout, settled.wait_for(|s| *s)).await;
-    if !matches!(settled, Ok(Ok(_))) {
-        ended.store(true, Ordering::Release);
-        return Err((
+    let failure = match settled {
+        Ok(Ok(_)) => None,
+        // Silent: like a connect that hangs.
+        Err(_) => Some((
+            UpstreamErrorKind::ConnectTimeout,
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the backend sent no HTTP/2 SETTINGS within {timeout:?}"),
+            ),
+        )),
+        Ok(Err(_)) => Some((
             UpstreamErrorKind::Protocol,
-            io::Error::other("the backend sent no HTTP/2 SETTINGS (is it speaking HTTP/2?)"),
-        ));
+            io::Error::other(
+                "the backend ended the connection before its HTTP/2 SETTINGS (is it speaking HTTP/2?)",
+            ),
+        )),
+    };
+    if let Some(f) = failure {
+        ended.store(true, Ordering::Release);
+        return Err(f);
     }
     Ok(Conn {
         sender,

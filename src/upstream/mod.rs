@@ -395,6 +395,7 @@ impl Upstream {
         // A connection that began with a PROXY header belongs to that one client: never
         // pooled, never reused.
         let facts = req.extensions().get::<ClientFacts>().cloned();
+        let head = req.method() == Method::HEAD;
         let private = self.proxy_protocol;
         // A reused connection may have been closed by the backend just now; hyper then hands
         // the unsent request back and we try a fresh connection.
@@ -434,7 +435,8 @@ impl Upstream {
                         // Back to the pool once the response body has been read to the end.
                         server.h1.give_back(conn);
                     }
-                    return Ok(resp.map(|b| b.map_err(BoxError::from).boxed()));
+                    let announced = announced_length(head, &resp);
+                    return Ok(resp.map(|body| self.checked(body, announced)));
                 }
                 Err(Exchange::Unsent(r)) if !fresh => req = r,
                 Err(Exchange::Unsent(r)) => {
@@ -455,6 +457,7 @@ impl Upstream {
         mut req: Request<ProxyBody>,
         body: &BodyWatch,
     ) -> Result<Response<ProxyBody>, Attempt> {
+        let head = req.method() == Method::HEAD;
         // A connection can end (GOAWAY) between lease and send; hyper hands the request back
         // and we lease again, a few times at most.
         for attempt in 0..3 {
@@ -483,12 +486,13 @@ impl Upstream {
             {
                 Ok(resp) => {
                     self.metrics.observe(started.elapsed().as_secs_f64());
+                    let announced = announced_length(head, &resp);
                     return Ok(resp.map(|body| {
-                        LeasedBody {
+                        let body = LeasedBody {
                             body,
                             _lease: lease,
-                        }
-                        .boxed()
+                        };
+                        self.checked(body, announced)
                     }));
                 }
                 Err(Exchange::Unsent(r)) => {
@@ -582,6 +586,20 @@ impl Upstream {
         }
     }
 
+    /// A response body as it goes to the client: failures counted, length enforced.
+    fn checked<B>(&self, body: B, announced: Option<u64>) -> ProxyBody
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        CheckedBody {
+            inner: body,
+            remaining: announced,
+            metrics: Some(self.metrics.clone()),
+        }
+        .boxed()
+    }
+
     /// HTTP/2 to the backend: the authority moves from Host into the URI (`:authority`),
     /// with the scheme of the backend connection.
     fn to_h2(&self, req: Request<ProxyBody>) -> Request<ProxyBody> {
@@ -669,5 +687,95 @@ impl Body for LeasedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// The body length a response announces with Content-Length, where its body must have that
+/// length: not for HEAD, 1xx, 204 or 304 (RFC 9110 §8.6), nor beside Transfer-Encoding
+/// (which wins, RFC 9112 §6.3).
+fn announced_length(head_request: bool, resp: &Response<Incoming>) -> Option<u64> {
+    let status = resp.status();
+    if head_request
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || resp.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        return None;
+    }
+    resp.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A backend's response body failed after its head had gone to the client. It carries the
+/// cause as text only: hyper resets the client's HTTP/2 stream with the first HTTP/2 error
+/// code among an error's sources, and the backend's code (REFUSED_STREAM, CANCEL, …) says
+/// nothing true about the client's stream; without one hyper uses INTERNAL_ERROR.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend's response body failed: {0}")]
+pub struct TruncatedBody(String);
+
+pin_project_lite::pin_project! {
+    /// A backend's response body on its way to the client. A failure after the head went on
+    /// (reset, connection closed early, malformed chunk) is counted once as `truncated`: the
+    /// client sees the response cut off. A body that ends short of its Content-Length is made
+    /// such a failure: hyper's HTTP/2 client ends a body cleanly on RST_STREAM(NO_ERROR) even
+    /// before END_STREAM, and a short body must not reach the client looking complete.
+    struct CheckedBody<B> {
+        #[pin]
+        inner: B,
+        // Bytes the backend announced and has not sent yet.
+        remaining: Option<u64>,
+        // Taken when the failure is counted.
+        metrics: Option<UpstreamMetrics>,
+    }
+}
+
+impl<B> Body for CheckedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let why = match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let (Some(left), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            None => match *this.remaining {
+                Some(left) if left > 0 => {
+                    format!("it ended {left} bytes short of its Content-Length")
+                }
+                _ => return Poll::Ready(None),
+            },
+            Some(Err(e)) => e.into().to_string(),
+        };
+        if let Some(m) = this.metrics.take() {
+            m.error(UpstreamErrorKind::Truncated);
+        }
+        tracing::debug!(error = %why, "backend response body failed; the client sees it cut off");
+        Poll::Ready(Some(Err(Box::new(TruncatedBody(why)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // hyper stops polling a body that says it has ended: not before the announced length.
+        self.remaining.is_none_or(|left| left == 0) && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

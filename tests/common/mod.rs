@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 pub mod h2_backend;
+pub mod raw_backend;
 pub mod serve;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
