@@ -61,7 +61,7 @@ impl Fixture {
         let routes = "      - { host: \"*\", path_prefix: /healthy, upstream: good }\n      - { host: \"*\", path_prefix: /, upstream: app }\n";
         let yaml = base.replace(builtin, routes)
             + &format!(
-                "upstreams:\n  app:\n    protocol: {protocol}\n    servers: [{server}]\n    connect_timeout: 300ms\n    response_timeout: 1s\n  good:\n    protocol: http1\n    servers: [{good}]\n"
+                "upstreams:\n  app:\n    protocol: {protocol}\n    servers: [{server}]\n    connect_timeout: 300ms\n    response_timeout: 1s\n    read_timeout: 1s\n  good:\n    protocol: http1\n    servers: [{good}]\n"
             );
         let proxy = Proxy::start(&yaml).await;
         let fd_baseline = open_fds();
@@ -603,6 +603,9 @@ enum H1BodyFault {
     NoLastChunk(Cut),
     /// Chunked: one 300-byte chunk, then a chunk-size line that is not hex.
     BadChunkSize,
+    /// Content-Length 1000, 300 bytes, then nothing (the connection stays open): cut off at
+    /// the upstream's `read_timeout`.
+    Silent,
 }
 
 async fn h1_body_fault(mut sock: TcpStream, fault: H1BodyFault, go: Arc<Notify>) {
@@ -612,7 +615,7 @@ async fn h1_body_fault(mut sock: TcpStream, fault: H1BodyFault, go: Arc<Notify>)
     let part = pattern(0, SENT);
     let mut out = Vec::new();
     match fault {
-        H1BodyFault::ShortOfLength(_) => {
+        H1BodyFault::ShortOfLength(_) | H1BodyFault::Silent => {
             out.extend_from_slice(raw_backend::head_with_length(FULL).as_bytes());
             out.extend_from_slice(&part);
         }
@@ -631,6 +634,7 @@ async fn h1_body_fault(mut sock: TcpStream, fault: H1BodyFault, go: Arc<Notify>)
             let _ = sock.write_all(b"zz\r\n").await;
             raw_backend::drain(&mut sock).await;
         }
+        H1BodyFault::Silent => raw_backend::drain(&mut sock).await,
     }
 }
 
@@ -643,13 +647,15 @@ async fn an_http1_body_cut_short_reaches_the_client_visibly_truncated() {
         H1BodyFault::NoLastChunk(Cut::Fin),
         H1BodyFault::NoLastChunk(Cut::Reset),
         H1BodyFault::BadChunkSize,
+        H1BodyFault::Silent,
     ];
     for fault in faults {
         let go = Arc::new(Notify::new());
         let g = go.clone();
         let backend = RawBackend::start(move |s, _| h1_body_fault(s, fault, g.clone())).await;
         let fx = Fixture::start("http1", backend.addr).await;
-        let announced = matches!(fault, H1BodyFault::ShortOfLength(_)).then_some(FULL);
+        let announced =
+            matches!(fault, H1BodyFault::ShortOfLength(_) | H1BodyFault::Silent).then_some(FULL);
         for h2 in CLIENTS {
             let what = format!("http1 backend {fault:?}, {}", client_name(h2));
             let mut client = fx.client(h2).await;
@@ -679,6 +685,8 @@ enum H2BodyFault {
     Closed(Cut),
     /// END_STREAM after 300 bytes of an announced 1000.
     EndShortOfLength,
+    /// Nothing after 300 bytes (the connection carries on): cut off at `read_timeout`.
+    Silent,
 }
 
 async fn h2_body_fault(mut sock: TcpStream, fault: H2BodyFault, announce: bool, go: Arc<Notify>) {
@@ -703,6 +711,7 @@ async fn h2_body_fault(mut sock: TcpStream, fault: H2BodyFault, announce: bool, 
                 return cut(sock, Cut::Fin).await;
             }
             H2BodyFault::Closed(how) => return cut(sock, how).await,
+            H2BodyFault::Silent => continue,
         };
         if sock.write_all(&end).await.is_err() {
             return;
@@ -725,6 +734,7 @@ async fn an_h2c_body_cut_short_reaches_the_client_visibly_truncated() {
         (H2BodyFault::Closed(Cut::Fin), true),
         (H2BodyFault::Closed(Cut::Reset), false),
         (H2BodyFault::EndShortOfLength, true),
+        (H2BodyFault::Silent, false),
     ];
     for (fault, announce) in faults {
         let go = Arc::new(Notify::new());

@@ -321,6 +321,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Bound on the wait for response headers (not on a streaming body).
     pub response_timeout: Duration,
+    /// Bound on the wait for the next piece of a response body.
+    pub read_timeout: Duration,
     /// HTTP/2: connections per server at most (another opens only when the open ones are
     /// at the stream limit the server announced).
     pub max_connections: usize,

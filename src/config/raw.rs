@@ -322,6 +322,8 @@ pub struct RawUpstream {
     #[serde(default)]
     pub response_timeout: Option<S<String>>,
     #[serde(default)]
+    pub read_timeout: Option<S<String>>,
+    #[serde(default)]
     pub max_connections: Option<S<u64>>,
     #[serde(default)]
     pub tls: Option<S<RawUpstreamTls>>,

@@ -23,6 +23,8 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// As nginx's proxy_read_timeout: a backend silent this long in the middle of a body is gone.
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// As nginx's stream `proxy_timeout` (10 min).
 const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// HTTP/2 connections per backend server; each carries as many streams as the server allows.
@@ -879,6 +881,11 @@ fn upstream(cx: &Ctx, name: &str, u: &S<raw::RawUpstream>) -> Result<UpstreamCon
             &r.response_timeout,
             DEFAULT_RESPONSE_TIMEOUT,
         )?,
+        read_timeout: cx.duration(
+            &format!("{key}.read_timeout"),
+            &r.read_timeout,
+            DEFAULT_READ_TIMEOUT,
+        )?,
         max_connections,
         tls,
         proxy_protocol: match &r.proxy_protocol {
@@ -953,6 +960,7 @@ impl Config {
                     servers: vec![server],
                     connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                     response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+                    read_timeout: DEFAULT_READ_TIMEOUT,
                     max_connections: DEFAULT_UPSTREAM_H2_CONNECTIONS as usize,
                     tls: None,
                     proxy_protocol: false,

@@ -107,6 +107,7 @@ pub struct Upstream {
     tls: Option<BackendTls>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    read_timeout: Duration,
     /// Each new connection starts with a PROXY v2 header naming its client.
     proxy_protocol: bool,
     metrics: UpstreamMetrics,
@@ -168,6 +169,7 @@ impl Upstream {
             tls,
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
+            read_timeout: cfg.read_timeout,
             proxy_protocol: cfg.proxy_protocol,
             metrics,
             log: LogLimiter::new(Duration::from_secs(10), 10),
@@ -596,6 +598,8 @@ impl Upstream {
             inner: body,
             remaining: announced,
             metrics: Some(self.metrics.clone()),
+            read_timeout: self.read_timeout,
+            silence: None,
         }
         .boxed()
     }
@@ -732,6 +736,9 @@ pin_project_lite::pin_project! {
         remaining: Option<u64>,
         // Taken when the failure is counted.
         metrics: Option<UpstreamMetrics>,
+        // `read_timeout`: armed when the backend has nothing for us, disarmed by data.
+        read_timeout: Duration,
+        silence: Option<(Pin<Box<tokio::time::Sleep>>, bool)>,
     }
 }
 
@@ -748,8 +755,30 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let why = match std::task::ready!(this.inner.poll_frame(cx)) {
+        let polled = match this.inner.poll_frame(cx) {
+            Poll::Ready(p) => p.map(|r| r.map_err(|e| e.into().to_string())),
+            Poll::Pending => {
+                // One timer per body, re-armed (not re-allocated) at each wait.
+                let deadline = tokio::time::Instant::now() + *this.read_timeout;
+                let (sleep, armed) = this
+                    .silence
+                    .get_or_insert_with(|| (Box::pin(tokio::time::sleep_until(deadline)), true));
+                if !*armed {
+                    sleep.as_mut().reset(deadline);
+                    *armed = true;
+                }
+                std::task::ready!(sleep.as_mut().poll(cx));
+                Some(Err(format!(
+                    "the backend sent nothing for read_timeout ({:?})",
+                    this.read_timeout
+                )))
+            }
+        };
+        let why = match polled {
             Some(Ok(frame)) => {
+                if let Some((_, armed)) = this.silence.as_mut() {
+                    *armed = false;
+                }
                 if let (Some(left), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
                     *left = left.saturating_sub(data.len() as u64);
                 }
@@ -761,7 +790,7 @@ where
                 }
                 _ => return Poll::Ready(None),
             },
-            Some(Err(e)) => e.into().to_string(),
+            Some(Err(e)) => e,
         };
         if let Some(m) = this.metrics.take() {
             m.error(UpstreamErrorKind::Truncated);
