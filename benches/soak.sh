@@ -38,7 +38,8 @@
 #   BIG_MIB=64         download size; UPLOAD_MIB=32 upload size; TRANSFER_PAUSE=1 s between
 #                      transfers
 #   MAX_AGE=           if set (e.g. 2m), tls.max_connection_age for the listener (default: the
-#                      proxy's default, 24h)
+#                      proxy's default, 24h). loadgen currently counts requests it could not
+#                      send on a connection the proxy closed as errors (benches/README.md)
 #   RSS_FACTOR=1.25 RSS_SLACK_MIB=8   RSS at the end must be <= FACTOR x RSS after warm-up + SLACK
 #   FD_SLACK=2         descriptors at the end must be <= those before the load + backend
 #                      connections still pooled + FD_SLACK
