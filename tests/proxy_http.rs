@@ -478,8 +478,9 @@ async fn http10_requests_reuse_pooled_backend_connections() {
 
 #[tokio::test]
 async fn over_http2_a_host_outside_the_connections_certificate_gets_421() {
-    // One certificate for localhost and alt.example, another for other.example.
-    let certs = Certs::new(&["localhost", "alt.example"]);
+    // One certificate for localhost, alt.example and the address 127.0.0.1 (an IP SAN),
+    // another for other.example.
+    let certs = Certs::new(&["localhost", "alt.example", "127.0.0.1", "::1"]);
     let (other_cert, other_key, _) = certs.extra_self_signed("other", &["other.example"], false);
     let yaml = config_yaml(&certs, None, "", "", "").replace(
         "      certificates:\n",
@@ -506,6 +507,10 @@ async fn over_http2_a_host_outside_the_connections_certificate_gets_421() {
             ("ALT.example.", 200),
             ("other.example", if h2 { 421 } else { 200 }),
             ("nowhere.example", if h2 { 421 } else { 200 }),
+            ("127.0.0.1", 200),
+            ("[::1]", 200),
+            ("[0:0:0:0:0:0:0:1]", 200),
+            ("127.0.0.2", if h2 { 421 } else { 200 }),
         ] {
             let req = hyper::Request::get(format!("https://{host}/"))
                 .header("host", host)
@@ -522,7 +527,7 @@ async fn over_http2_a_host_outside_the_connections_certificate_gets_421() {
             "ephemera_http_requests_total",
             &["version=\"HTTP/2\"", "status_class=\"4xx\""]
         ),
-        2.0
+        3.0
     );
 }
 

@@ -69,6 +69,10 @@ pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
     /// DNS names from subjectAltName, lower-case; wildcards kept as `*.example.com`.
     pub names: Vec<String>,
+    /// IP addresses from subjectAltName (canonical text), for the 421 check: a request for
+    /// `https://192.0.2.1/` on a connection whose certificate lists that address is not
+    /// misdirected.
+    pub ips: Vec<String>,
     /// Expiry (seconds since the Unix epoch), for logs and metrics.
     pub not_after: i64,
     pub algorithm: SignatureAlgorithm,
@@ -162,7 +166,7 @@ pub fn load(src: &CertificateSource, provider: &CryptoProvider) -> Result<Loaded
             key_file,
         });
     }
-    let (names, not_after) =
+    let (names, ips, not_after) =
         leaf_facts(&certified.cert[0]).map_err(|detail| CertError::BadCertificate {
             origin: Box::new(origin.clone()),
             file: cert_file,
@@ -171,23 +175,37 @@ pub fn load(src: &CertificateSource, provider: &CryptoProvider) -> Result<Loaded
     Ok(LoadedCert {
         key: Arc::new(certified),
         names,
+        ips,
         not_after,
         algorithm,
     })
 }
 
-fn leaf_facts(der: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
+/// The leaf's DNS names, IP addresses and notAfter.
+type LeafFacts = (Vec<String>, Vec<String>, i64);
+
+fn leaf_facts(der: &CertificateDer<'_>) -> Result<LeafFacts, String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
     let mut names = Vec::new();
+    let mut ips = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
-            if let GeneralName::DNSName(d) = n {
-                names.push(d.trim_end_matches('.').to_ascii_lowercase());
+            match n {
+                GeneralName::DNSName(d) => names.push(d.trim_end_matches('.').to_ascii_lowercase()),
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    ips.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
             }
         }
     }
-    Ok((names, cert.validity().not_after.timestamp()))
+    Ok((names, ips, cert.validity().not_after.timestamp()))
 }
 
 /// Picks the certificate for a handshake from the client's SNI name and signature schemes.
@@ -220,6 +238,11 @@ impl SniResolver {
                     Some(suffix) => wildcard.entry(suffix.to_string()).or_default().push(entry),
                     None => exact.entry(name.clone()).or_default().push(entry),
                 }
+            }
+            // Clients never send an address as SNI: these entries only answer `misdirected`.
+            for ip in &c.ips {
+                let entry = (preference(c.algorithm), c.key.clone());
+                exact.entry(ip.clone()).or_default().push(entry);
             }
         }
         // Stable sort: ECDSA before RSA, config order otherwise.
@@ -273,7 +296,14 @@ impl SniResolver {
     /// §15.5.20: HTTP/2 clients reuse a connection for every name its certificate lists, and
     /// a name outside it must go to a connection of its own).
     pub fn misdirected(&self, sni: &str, host: &str) -> bool {
-        let host = host.trim_end_matches('.');
+        let canonical;
+        let host = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                canonical = ip.to_string();
+                canonical.as_str()
+            }
+            Err(_) => host.trim_end_matches('.'),
+        };
         if host.eq_ignore_ascii_case(sni.trim_end_matches('.')) {
             return false;
         }
