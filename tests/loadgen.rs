@@ -246,6 +246,63 @@ async fn requests_mode_over_http1_sends_the_bodies_through_to_a_backend() {
     );
 }
 
+/// A server that closes keep-alive connections (here: `tls.max_connection_age`, GOAWAY or
+/// `Connection: close`) is not failing requests: a request whose connection closed while it
+/// waited for its start time goes on the next connection. Every request is answered and
+/// the proxy counts exactly as many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_connections_the_server_closes_are_sent_on_new_ones() {
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        None,
+        "      max_connection_age: 1s\n      max_connection_age_grace: 5s\n",
+        "",
+        "",
+    ))
+    .await;
+    for (alpn, streams, version) in [("h2", "4", "HTTP/2"), ("http/1.1", "1", "HTTP/1.1")] {
+        let run = loadgen(&[
+            &url(proxy.addr, "/"),
+            "--mode",
+            "requests",
+            "--alpn",
+            alpn,
+            "--streams",
+            streams,
+            "-c",
+            "2",
+            "--rate",
+            "100",
+            "-n",
+            "300",
+            "--ca",
+            &ca_file(&certs),
+            "--json",
+        ])
+        .await;
+        let r = run.json();
+        assert_eq!(n(&r["errors"]["total"]), 0, "{alpn}: {r:#}");
+        assert_eq!(n(&r["requests"]), 300, "{alpn}: {r:#}");
+        assert!(
+            n(&r["handshakes"]) >= 4,
+            "{alpn}: 3 s of 1 s connections, yet {} handshakes",
+            r["handshakes"]
+        );
+        assert_eq!(run.code, Some(0), "{}", run.stderr);
+        let text = proxy.metrics().await;
+        assert_eq!(
+            metric(
+                &text,
+                "ephemera_http_requests_total",
+                &[&format!("version=\"{version}\"")]
+            ),
+            300.0,
+            "{alpn}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_rate_paces_the_requests() {
     let certs = Certs::new(&["localhost"]);

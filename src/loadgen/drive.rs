@@ -121,11 +121,23 @@ async fn one_connection(
 
 /// Requests mode: one keep-alive connection at a time, reopened when it ends.
 async fn connection_worker(sh: Arc<Shared>, id: usize) {
+    // Tickets whose request never went out: the server closed the connection first (its
+    // max connection age, an idle close). They go on the next connection, their latency
+    // still counted from their intended start.
+    let mut carried: Vec<(Instant, Instant)> = Vec::new();
     // The ticket is taken before connecting so that a server refusing connections uses up
     // the run (each refusal is one failed attempt) instead of spinning outside it.
-    while let Some(ticket) = sh.schedule.take() {
-        let started = ticket.begin().await;
-        let deadline = Instant::now() + sh.timeout;
+    loop {
+        let (started, deadline) = match carried.pop() {
+            Some(t) => t,
+            None => {
+                let Some(ticket) = sh.schedule.take() else {
+                    break;
+                };
+                let started = ticket.begin().await;
+                (started, Instant::now() + sh.timeout)
+            }
+        };
         let opened = async {
             let conn = sh.connector.connect(deadline).await?;
             sh.recorder.handshake(id, &conn);
@@ -158,12 +170,15 @@ async fn connection_worker(sh: Arc<Shared>, id: usize) {
         let mut loops = JoinSet::new();
         for i in 1..streams {
             if let Some(s) = sender.try_clone() {
-                loops.spawn(request_loop(sh.clone(), id + i, s, proto, None));
+                loops.spawn(request_loop(sh.clone(), id + i, s, proto, carried.pop()));
             }
         }
         // This loop owns the ticket already taken; it runs on this task.
-        request_loop(sh.clone(), id, sender, proto, Some((started, deadline))).await;
-        while loops.join_next().await.is_some() {}
+        carried
+            .extend(request_loop(sh.clone(), id, sender, proto, Some((started, deadline))).await);
+        while let Some(unsent) = loops.join_next().await {
+            carried.extend(unsent.ok().flatten());
+        }
         // Every sender is gone: the connection closes (GOAWAY / FIN) unless the server
         // already closed it.
         let _ = tokio::time::timeout(CLOSE_WAIT, driver).await;
@@ -171,29 +186,42 @@ async fn connection_worker(sh: Arc<Shared>, id: usize) {
 }
 
 /// Requests on one connection, one at a time, until the schedule ends or the connection does.
+/// Requests on one connection until it closes or the schedule ends. Returns the ticket of a
+/// request that never went out because the connection had closed meanwhile.
 async fn request_loop(
     sh: Arc<Shared>,
     id: usize,
     mut sender: Sender,
     proto: Proto,
     mut first: Option<(Instant, Instant)>,
-) {
+) -> Option<(Instant, Instant)> {
     loop {
-        let (started, deadline) = match first.take() {
-            Some(f) => f,
+        let (started, deadline, opening) = match first.take() {
+            Some((s, d)) => (s, d, true),
             None => {
                 // A connection the server closed (keep-alive limit, idle close) is not a
                 // failed request: this loop ends and the worker reconnects.
                 if sender.ready().await.is_err() {
-                    return;
+                    return None;
                 }
                 let Some(ticket) = sh.schedule.take() else {
-                    return;
+                    return None;
                 };
                 let started = ticket.begin().await;
-                (started, Instant::now() + sh.timeout)
+                (started, Instant::now() + sh.timeout, false)
             }
         };
+        // The server may have closed the connection while this ticket waited for its time
+        // (GOAWAY, `Connection: close`, an age limit): the request was not sent, and is not
+        // a failure of the server; it goes on the next connection. A connection closed
+        // before its first request is a failure (no endless reconnecting).
+        if let Err(f) = sender.ready().await {
+            if opening {
+                sh.recorder.failure(id, &f);
+                return None;
+            }
+            return Some((started, deadline));
+        }
         match timeout_at(deadline, sender.send(sh.template.build(proto, false))).await {
             Ok(Ok(answer)) => {
                 sh.recorder
@@ -202,7 +230,7 @@ async fn request_loop(
             Ok(Err(f)) => {
                 sh.recorder.failure(id, &f);
                 if !sender.is_open() {
-                    return;
+                    return None;
                 }
             }
             Err(_) => {
@@ -211,7 +239,7 @@ async fn request_loop(
                 // An abandoned HTTP/1.1 response leaves the connection unusable; an HTTP/2
                 // stream is reset on its own.
                 if proto == Proto::H1 {
-                    return;
+                    return None;
                 }
             }
         }
