@@ -204,9 +204,7 @@ async fn request_loop(
                 if sender.ready().await.is_err() {
                     return None;
                 }
-                let Some(ticket) = sh.schedule.take() else {
-                    return None;
-                };
+                let ticket = sh.schedule.take()?;
                 let started = ticket.begin().await;
                 (started, Instant::now() + sh.timeout, false)
             }
@@ -228,6 +226,16 @@ async fn request_loop(
                     .response(id, started.elapsed(), answer.status, answer.body_bytes);
             }
             Ok(Err(f)) => {
+                // A keep-alive connection the server closed just as the request went out
+                // (the HTTP/1.1 idle-close race; an HTTP/2 stream past the final GOAWAY): as
+                // browsers do, an idempotent request goes once more on a new connection.
+                if f.is_unanswered()
+                    && !opening
+                    && (proto == Proto::H1 || !sender.is_open())
+                    && sh.template.idempotent()
+                {
+                    return Some((started, deadline));
+                }
                 sh.recorder.failure(id, &f);
                 if !sender.is_open() {
                     return None;

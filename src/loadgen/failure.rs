@@ -143,6 +143,10 @@ pub enum FailureSource {
     /// hyper reported an HTTP error.
     #[error("HTTP: {0}")]
     Http(#[source] hyper::Error),
+    /// No response head came back: the connection closed around the request (the server
+    /// may not have seen it).
+    #[error("HTTP: {0}")]
+    Unanswered(#[source] hyper::Error),
     /// The connection ended before a response came.
     #[error("HTTP: the server closed the connection before responding")]
     ClosedEarly,
@@ -180,6 +184,18 @@ impl Failure {
             kind: ErrorKind::Http,
             source: FailureSource::Http(source),
         }
+    }
+
+    /// `send_request` failed: no response head.
+    pub fn unanswered(source: hyper::Error) -> Failure {
+        Failure {
+            kind: ErrorKind::Http,
+            source: FailureSource::Unanswered(source),
+        }
+    }
+
+    pub fn is_unanswered(&self) -> bool {
+        matches!(self.source, FailureSource::Unanswered(_))
     }
 
     pub fn closed_early() -> Failure {

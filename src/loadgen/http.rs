@@ -108,7 +108,7 @@ impl Sender {
                 s.send_request(req).await
             }
         }
-        .map_err(Failure::http)?;
+        .map_err(Failure::unanswered)?;
         let status = resp.status();
         let mut body = resp.into_body();
         let mut body_bytes = 0u64;
@@ -189,6 +189,19 @@ impl RequestTemplate {
             host,
             body: Bytes::from(vec![0u8; opts.body_size]),
         }
+    }
+
+    /// Safe to send again when a connection closed around it (RFC 9110 §9.2.2).
+    pub fn idempotent(&self) -> bool {
+        use http::Method;
+        [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ]
+        .contains(&self.method)
     }
 
     /// A request for `proto`; `close` asks an HTTP/1.1 server to close after answering.
