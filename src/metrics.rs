@@ -163,14 +163,18 @@ pub enum CloseReason {
     /// We ended it for a protocol violation (an HTTP/2 GOAWAY with an error code: flood
     /// protections, malformed frames).
     ProtocolError,
-    /// A socket or TLS error (reset by the peer, a failed key update, a bad record).
+    /// The client reset or dropped the connection (TCP RST, a broken pipe, end of stream
+    /// without close_notify), typically once it had what it wanted.
+    ClientReset,
+    /// A TLS or socket error other than the client going away (a bad record, a failed key
+    /// update).
     Error,
     /// TCP mode: no backend connection could be made.
     UpstreamUnavailable,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Completed,
         CloseReason::IdleTimeout,
         CloseReason::HeaderTimeout,
@@ -178,6 +182,7 @@ impl CloseReason {
         CloseReason::MaxAge,
         CloseReason::Shutdown,
         CloseReason::ProtocolError,
+        CloseReason::ClientReset,
         CloseReason::Error,
         CloseReason::UpstreamUnavailable,
     ];
@@ -191,6 +196,7 @@ impl CloseReason {
             CloseReason::MaxAge => "max_age",
             CloseReason::Shutdown => "shutdown",
             CloseReason::ProtocolError => "protocol_error",
+            CloseReason::ClientReset => "client_reset",
             CloseReason::Error => "error",
             CloseReason::UpstreamUnavailable => "upstream_unavailable",
         }

@@ -467,3 +467,36 @@ async fn one_address_over_its_handshake_rate_is_refused_while_others_are_served(
         "accepted = handshakes + failures: {m}"
     );
 }
+
+/// Why connections ended, as `ephemera_tls_connections_closed_total` counts them: a client
+/// that resets its connection (RST) is `client_reset`, not `error`; one that closes cleanly
+/// is `completed`.
+#[tokio::test]
+async fn a_client_reset_and_a_clean_close_are_told_apart() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
+    let fds = open_fds();
+    for h2 in [true, false] {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_connect(
+            proxy.addr,
+            "localhost",
+            client_config(&certs.ca_der(), alpn),
+        )
+        .await
+        .unwrap();
+        tls.get_ref().0.set_linger(Some(Duration::ZERO)).unwrap();
+        // Let the proxy start serving (HTTP/2: its SETTINGS), then reset.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(tls);
+        let mut clean = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        assert_eq!(clean.get("/").await.0, 200);
+        drop(clean);
+    }
+    proxy.assert_settled(fds, SETTLE).await;
+    let m = proxy.metrics().await;
+    assert_eq!(closed(&m, "client_reset"), 2.0, "{m}");
+    assert_eq!(closed(&m, "completed"), 2.0, "{m}");
+    assert_eq!(closed(&m, "error"), 0.0, "{m}");
+}

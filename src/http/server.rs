@@ -159,7 +159,11 @@ pub fn serve_connection(
                         break why.unwrap_or(CloseReason::ProtocolError);
                     }
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    break why.unwrap_or(CloseReason::Error);
+                    break why.unwrap_or(if client_went_away(e.as_ref()) {
+                        CloseReason::ClientReset
+                    } else {
+                        CloseReason::Error
+                    });
                 }
                 _ = shutdown.changed(), if !closing => {
                     closing = true;
@@ -270,6 +274,25 @@ fn goaway_we_sent(e: &(dyn std::error::Error + 'static)) -> Option<&'static str>
         cur = err.source();
     }
     None
+}
+
+/// An I/O error that means the client reset or dropped the connection.
+fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionAborted
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
