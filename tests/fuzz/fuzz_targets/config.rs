@@ -28,6 +28,12 @@ fuzz_target!(|data: &[u8]| {
             if let ConfigError::Invalid { origin, .. } = &e {
                 assert_eq!(origin.file, "fuzz.yaml");
                 assert!(!origin.key.is_empty(), "{message}");
+                // "Every error names the file, the key path and the line"; only a missing
+                // `listeners` has no line to name.
+                assert!(
+                    origin.line > 0 || origin.key == "listeners",
+                    "no line: {message}"
+                );
             }
         }
     }

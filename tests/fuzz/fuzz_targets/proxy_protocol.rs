@@ -12,6 +12,7 @@
 use ephemera::proxy_protocol::read_header;
 use libfuzzer_sys::fuzz_target;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -83,6 +84,36 @@ fn expected_header_len(data: &[u8]) -> Option<usize> {
     }
 }
 
+/// The client address an accepted header names, read straight from the spec's layout:
+/// v1 `PROXY TCP4|TCP6 SRC DST SPORT DPORT`, `UNKNOWN` → none; v2 the source address and
+/// port of a PROXY command over AF_INET / AF_INET6, anything else (LOCAL, UNSPEC, UNIX) → none.
+fn named_client(header: &[u8]) -> Option<SocketAddr> {
+    if header[0] == b'P' {
+        // The spec: after UNKNOWN, anything up to the CRLF is ignored.
+        if header.starts_with(b"PROXY UNKNOWN") {
+            return None;
+        }
+        let text = std::str::from_utf8(header).expect("an accepted v1 header is text");
+        let fields: Vec<&str> = text.trim_end_matches("\r\n").split(' ').collect();
+        let ip: IpAddr = fields[2].parse().expect("source address");
+        let port: u16 = fields[4].parse().expect("source port");
+        return Some(SocketAddr::new(ip, port));
+    }
+    let command = header[12] & 0x0f;
+    let port = |at: usize| u16::from_be_bytes([header[at], header[at + 1]]);
+    match (command, header[13] >> 4) {
+        (1, 1) => {
+            let ip: [u8; 4] = header[16..20].try_into().unwrap();
+            Some(SocketAddr::new(IpAddr::from(ip), port(24)))
+        }
+        (1, 2) => {
+            let ip: [u8; 16] = header[16..32].try_into().unwrap();
+            Some(SocketAddr::new(IpAddr::from(ip), port(48)))
+        }
+        _ => None,
+    }
+}
+
 /// Chunk sizes (1..=8, 0 = also return Pending) from a hash of the input, so the corpus
 /// stays plain wire bytes and every input still gets its own split.
 fn plan_for(data: &[u8]) -> Vec<usize> {
@@ -114,6 +145,11 @@ fuzz_target!(|data: &[u8]| {
         if data[0] == b'P' {
             assert!(len <= 107, "v1 header of {len} bytes accepted");
         }
+        assert_eq!(
+            result.as_ref().ok().copied().flatten(),
+            named_client(&data[..len]),
+            "the address used is not the one the header names: {outcome}"
+        );
     }
 
     for plan in [vec![1], plan_for(data)] {
