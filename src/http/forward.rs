@@ -439,7 +439,10 @@ fn client_ip(peer: &SocketAddr) -> IpAddr {
     peer.ip().to_canonical()
 }
 
-fn rewrite_request_headers(
+/// Public only for the fuzz target `tests/fuzz/fuzz_targets/request_headers.rs`, which
+/// checks its guarantees on arbitrary client headers; not part of the API.
+#[doc(hidden)]
+pub fn rewrite_request_headers(
     h: &mut HeaderMap,
     c: &ConnContext,
     authority: Option<&str>,
