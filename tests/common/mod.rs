@@ -200,12 +200,31 @@ impl Proxy {
     }
 }
 
-/// Open file descriptors of this test process. Every test's proxy, backends and clients run
-/// in it, so counts compare only in a test binary whose tests all hold `serial()`.
+/// Open file descriptors of this test process that a proxy could leak: sockets other than
+/// Unix ones, files, pipes. Every test's proxy, backends and clients run in it, so counts
+/// compare only in a test binary whose tests all hold `serial()`. Left out: the tokio
+/// runtime's own descriptors (epoll, eventfd: `anon_inode:`; the signal driver's Unix
+/// socket), because libtest starts the next test's runtime, before that test waits for
+/// `serial()`, while another test is still checking its count.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+    let unix: std::collections::HashSet<String> = std::fs::read_to_string("/proc/self/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(6).map(str::to_string))
+        .collect();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|t| !t.starts_with("anon_inode:"))
+        .filter(|t| {
+            t.strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .is_none_or(|inode| !unix.contains(inode))
+        })
+        .count()
 }
 
 impl Drop for Proxy {
