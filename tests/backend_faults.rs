@@ -98,6 +98,22 @@ impl Fixture {
         out
     }
 
+    /// Sends `method /` on `client`; asserts the status and exactly these changes to the
+    /// upstream error counts.
+    async fn expect_counted(
+        &self,
+        client: &mut HttpClient,
+        method: &str,
+        status: u16,
+        counted: &[(&str, f64)],
+        what: &str,
+    ) {
+        let before = self.errors().await;
+        let (got, _) = answer(client, method, "/").await;
+        assert_eq!(got, status, "{what}: {method}");
+        assert_counted(&before, &self.errors().await, counted, what);
+    }
+
     async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
         metric(&self.proxy.metrics().await, name, labels)
     }
@@ -389,10 +405,8 @@ async fn a_refused_connection_is_a_502_counted_as_connect() {
             let what = format!("{protocol} backend refusing, {}", client_name(h2));
             let mut client = fx.client(h2).await;
             for method in ["GET", "POST"] {
-                let before = fx.errors().await;
-                let (status, _) = answer(&mut client, method, "/").await;
-                assert_eq!(status, 502, "{what}: {method}");
-                assert_counted(&before, &fx.errors().await, &[("connect", 1.0)], &what);
+                fx.expect_counted(&mut client, method, 502, &[("connect", 1.0)], &what)
+                    .await;
             }
             fx.still_serves(Some(&mut client), h2, &what).await;
         }
@@ -409,15 +423,8 @@ async fn a_connect_that_hangs_is_a_502_counted_as_connect_timeout() {
         for h2 in CLIENTS {
             let what = format!("{protocol} backend not accepting, {}", client_name(h2));
             let mut client = fx.client(h2).await;
-            let before = fx.errors().await;
-            let (status, _) = answer(&mut client, "GET", "/").await;
-            assert_eq!(status, 502, "{what}");
-            assert_counted(
-                &before,
-                &fx.errors().await,
-                &[("connect_timeout", 1.0)],
-                &what,
-            );
+            fx.expect_counted(&mut client, "GET", 502, &[("connect_timeout", 1.0)], &what)
+                .await;
             fx.still_serves(Some(&mut client), h2, &what).await;
         }
         fx.finish().await;
@@ -447,15 +454,8 @@ async fn a_backend_that_never_answers_is_a_504_counted_as_response_timeout() {
         for h2 in CLIENTS {
             let what = format!("{protocol} backend never answering, {}", client_name(h2));
             let mut client = fx.client(h2).await;
-            let before = fx.errors().await;
-            let (status, _) = answer(&mut client, "GET", "/").await;
-            assert_eq!(status, 504, "{what}");
-            assert_counted(
-                &before,
-                &fx.errors().await,
-                &[("response_timeout", 1.0)],
-                &what,
-            );
+            fx.expect_counted(&mut client, "GET", 504, &[("response_timeout", 1.0)], &what)
+                .await;
             if !h2_backend {
                 // An HTTP/1.1 connection with a response still owed cannot be used again.
                 fx.await_app_connections_closed().await;
@@ -479,15 +479,8 @@ async fn an_h2c_backend_that_never_sends_settings_is_a_502_counted_as_connect_ti
     for h2 in CLIENTS {
         let what = format!("h2c backend silent, {}", client_name(h2));
         let mut client = fx.client(h2).await;
-        let before = fx.errors().await;
-        let (status, _) = answer(&mut client, "GET", "/").await;
-        assert_eq!(status, 502, "{what}");
-        assert_counted(
-            &before,
-            &fx.errors().await,
-            &[("connect_timeout", 1.0)],
-            &what,
-        );
+        fx.expect_counted(&mut client, "GET", 502, &[("connect_timeout", 1.0)], &what)
+            .await;
         fx.still_serves(Some(&mut client), h2, &what).await;
     }
     fx.finish().await;
@@ -511,17 +504,13 @@ async fn assert_malformed_is_502(fx: &Fixture, what: &str, closes: bool) {
     for h2 in CLIENTS {
         let what = format!("{what}, {}", client_name(h2));
         let mut client = fx.client(h2).await;
-        let before = fx.errors().await;
         let retries = fx.retries_unanswered().await;
-        let (status, _) = answer(&mut client, "GET", "/").await;
-        assert_eq!(status, 502, "{what}: GET");
-        assert_counted(&before, &fx.errors().await, &[("protocol", 2.0)], &what);
+        fx.expect_counted(&mut client, "GET", 502, &[("protocol", 2.0)], &what)
+            .await;
         assert_eq!(fx.retries_unanswered().await, retries + 1.0, "{what}");
 
-        let before = fx.errors().await;
-        let (status, _) = answer(&mut client, "POST", "/").await;
-        assert_eq!(status, 502, "{what}: POST");
-        assert_counted(&before, &fx.errors().await, &[("protocol", 1.0)], &what);
+        fx.expect_counted(&mut client, "POST", 502, &[("protocol", 1.0)], &what)
+            .await;
         assert_eq!(fx.retries_unanswered().await, retries + 1.0, "{what}");
         if closes {
             fx.await_app_connections_closed().await;

@@ -9,6 +9,7 @@ use common::*;
 
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -317,11 +318,10 @@ async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
 async fn handshake_from(
     source: &str,
     to: SocketAddr,
-    certs: &Certs,
+    ca: &CertificateDer<'static>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = connect_from(source, to).await;
-    let connector =
-        tokio_rustls::TlsConnector::from(Arc::new(client_config(&certs.ca_der(), &[b"http/1.1"])));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca, &[b"http/1.1"])));
     connector
         .connect("localhost".try_into().unwrap(), tcp)
         .await
@@ -343,7 +343,7 @@ async fn one_address_over_its_handshake_rate_is_refused_while_others_are_served(
     let fds = open_fds();
     // Established before the flood (one token of 127.0.0.1's five).
     let mut established = HttpClient::over(
-        handshake_from("127.0.0.1", proxy.addr, &certs)
+        handshake_from("127.0.0.1", proxy.addr, &certs.ca_der())
             .await
             .unwrap(),
         false,
@@ -363,15 +363,7 @@ async fn one_address_over_its_handshake_rate_is_refused_while_others_are_served(
                 let (ok, refused, ca) = (ok.clone(), refused.clone(), certs_ca.clone());
                 workers.push(tokio::spawn(async move {
                     for _ in 0..25 {
-                        let tcp = connect_from("127.0.0.1", addr).await;
-                        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(
-                            &ca,
-                            &[b"http/1.1"],
-                        )));
-                        match connector
-                            .connect("localhost".try_into().unwrap(), tcp)
-                            .await
-                        {
+                        match handshake_from("127.0.0.1", addr, &ca).await {
                             Ok(_) => ok.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
                             Err(_) => refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
                         };
@@ -396,7 +388,7 @@ async fn one_address_over_its_handshake_rate_is_refused_while_others_are_served(
         let t = Instant::now();
         let tls = tokio::time::timeout(
             Duration::from_secs(5),
-            handshake_from("127.0.0.2", proxy.addr, &certs),
+            handshake_from("127.0.0.2", proxy.addr, &certs.ca_der()),
         )
         .await
         .expect("another address's handshake stalled during the flood")

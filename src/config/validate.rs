@@ -276,32 +276,23 @@ fn listener(
             ));
         }
     };
-    if matches!(mode, ListenerMode::Tcp { .. }) {
-        return Ok(ListenerConfig {
-            name,
-            bind,
-            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
-            reuse_port: r.reuse_port.unwrap_or(false),
-            proxy_protocol,
-            tls,
-            mode,
-            http,
-            routes: Vec::new(),
-        });
-    }
-    if r.routes.is_empty() {
-        return Err(cx.err(
-            format!("{key}.routes"),
-            line(l),
-            "at least one route is required, e.g. { host: \"*\", path_prefix: /, upstream: app }",
-        ));
-    }
-    let routes = r
-        .routes
-        .iter()
-        .enumerate()
-        .map(|(i, rt)| route(cx, &format!("{key}.routes[{i}]"), rt, upstreams))
-        .collect::<Result<_, _>>()?;
+    // TCP-mode listeners relay to their one upstream: they have no routes.
+    let routes = if matches!(mode, ListenerMode::Tcp { .. }) {
+        Vec::new()
+    } else {
+        if r.routes.is_empty() {
+            return Err(cx.err(
+                format!("{key}.routes"),
+                line(l),
+                "at least one route is required, e.g. { host: \"*\", path_prefix: /, upstream: app }",
+            ));
+        }
+        r.routes
+            .iter()
+            .enumerate()
+            .map(|(i, rt)| route(cx, &format!("{key}.routes[{i}]"), rt, upstreams))
+            .collect::<Result<_, _>>()?
+    };
     Ok(ListenerConfig {
         name,
         bind,
