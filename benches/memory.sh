@@ -20,6 +20,7 @@
 #   HOLD=5             seconds the connections stay idle before RSS is read again
 #   CONCURRENCY=100    handshakes in flight in the client while opening
 #   SERVER_CPU=0       CPU the servers are pinned to (taskset), CLIENT_CPU=1 the client
+#   SERVERS="ephemera nginx haproxy"   which servers to measure (any subset)
 #   EPHEMERA_BIN=      use this binary instead of building (cargo build --release --locked)
 #   CARGO_TARGET_DIR   respected by the build
 #   KEEP_TMP=1         keep the temporary directory (configs, logs)
@@ -32,7 +33,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
-SERVERS=(ephemera nginx haproxy)
+read -r -a SERVERS <<< "${SERVERS:-ephemera nginx haproxy}"
 PROTOS=(h1 h2)
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -394,7 +395,9 @@ EPH_V=$("$EPH" --version 2>&1 | sed -n 1p)
     awk -F'\t' '{ v[$1, $2] = ($7 - $6) / $3 } END {
         n = split("h1 h2", ps, " ")
         for (i = 1; i <= n; i++) {
-            p = ps[i]; e = v["ephemera", p]; g = v["nginx", p]
+            p = ps[i]
+            if (!(("ephemera", p) in v) || !(("nginx", p) in v)) continue
+            e = v["ephemera", p]; g = v["nginx", p]
             printf "Target (idle connection memory at most nginx'"'"'s), %s: ephemera %.1f KiB vs nginx %.1f KiB: %s.\n",
                 (p == "h1" ? "HTTP/1.1" : "HTTP/2"), e, g, (e <= g ? "met" : sprintf("NOT met (%.2fx nginx)", e / g))
         }

@@ -267,6 +267,7 @@ pub struct Metrics {
     upstream_ejections: IntCounterVec,
     upstream_retries: IntCounterVec,
     h2_streams_open: IntGaugeVec,
+    http1_parked: IntGaugeVec,
     h2_streams: IntCounterVec,
     h2_goaways: IntCounterVec,
     config_reloads: IntCounterVec,
@@ -419,6 +420,12 @@ impl Metrics {
                 &r,
                 "ephemera_h2_streams_open",
                 "HTTP/2 client streams (requests) currently open.",
+                &["listener"],
+            ),
+            http1_parked: gauge_vec(
+                &r,
+                "ephemera_http1_connections_parked",
+                "HTTP/1.1 client connections idle long enough to be parked (HTTP state freed until the next request).",
                 &["listener"],
             ),
             h2_streams: counter_vec(
@@ -593,6 +600,7 @@ impl Metrics {
                     .collect(),
                 http_requests,
                 h2_streams_open: self.h2_streams_open.with_label_values(&[listener]),
+                http1_parked: self.http1_parked.with_label_values(&[listener]),
                 h2_streams: self.h2_streams.with_label_values(&[listener]),
                 h2_goaways: GOAWAY_REASONS
                     .iter()
@@ -711,6 +719,7 @@ struct ListenerInner {
     http_requests: HashMap<(&'static str, &'static str), IntCounter>,
     h2_streams_open: IntGauge,
     h2_streams: IntCounter,
+    http1_parked: IntGauge,
     /// Indexed like `GOAWAY_REASONS`.
     h2_goaways: Vec<IntCounter>,
 }
@@ -797,6 +806,12 @@ impl ListenerMetrics {
         self.inner.h2_streams.inc();
         self.inner.h2_streams_open.inc();
         GaugeGuard(self.inner.h2_streams_open.clone())
+    }
+
+    /// An idle HTTP/1.1 connection parked until the guard is dropped.
+    pub fn http1_parked(&self) -> GaugeGuard {
+        self.inner.http1_parked.inc();
+        GaugeGuard(self.inner.http1_parked.clone())
     }
 
     /// `reason` is one of `GOAWAY_REASONS`; anything else is not counted.

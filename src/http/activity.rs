@@ -6,7 +6,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,6 +29,9 @@ pub struct Activity {
     bodies_waiting: AtomicUsize,
     /// Milliseconds since `epoch` of the last time any response body was asked for data.
     body_pulled_ms: AtomicU64,
+    /// Something was written since the last completed flush: bytes may still sit in a
+    /// buffer above the socket (hyper's, rustls's).
+    unflushed: AtomicBool,
     /// Wakes the connection task when its deadline changes kind (a head starts arriving, the
     /// last request finishes).
     changed: Notify,
@@ -44,6 +47,7 @@ impl Activity {
             write_blocked_ms: AtomicU64::new(0),
             bodies_waiting: AtomicUsize::new(0),
             body_pulled_ms: AtomicU64::new(0),
+            unflushed: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -65,6 +69,7 @@ impl Activity {
     }
 
     fn note_write(&self, blocked: bool) {
+        self.unflushed.store(true, Ordering::Relaxed);
         let current = self.write_blocked_ms.load(Ordering::Relaxed);
         if blocked && current == 0 {
             self.write_blocked_ms
@@ -84,6 +89,18 @@ impl Activity {
         {
             self.changed.notify_one();
         }
+    }
+
+    /// Everything written so far has been flushed to the socket.
+    pub fn flushed(&self) -> bool {
+        !self.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// When the connection last became idle (no request in flight), if it is idle now.
+    pub fn idle_since(&self) -> Option<Instant> {
+        (self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_started_ms.load(Ordering::Acquire) == 0)
+            .then(|| self.at(self.idle_since_ms.load(Ordering::Acquire)))
     }
 
     /// A response body is being asked for data (by hyper, when the client can take it).
@@ -224,7 +241,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         self.inner.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.activity.unflushed.store(false, Ordering::Relaxed);
+        }
+        r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)

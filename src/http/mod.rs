@@ -5,6 +5,7 @@
 pub mod access;
 pub mod activity;
 pub mod forward;
+pub mod h1_park;
 pub mod route;
 pub mod server;
 pub mod upgrade;

@@ -1,25 +1,30 @@
 //! One client connection's HTTP service: HTTP/2 when ALPN chose `h2`, HTTP/1.1 otherwise
-//! (hyper-util's auto builder sniffs the preface but does not read ALPN, so we decide). Runs
-//! the connection-level timeouts (header, idle), the age limit (`tls.max_connection_age`),
-//! graceful shutdown, and the lingering close; says why the connection ended.
+//! (parked while idle, `h1_park`). Runs the connection-level timeouts (header, idle), the
+//! age limit (`tls.max_connection_age`), graceful shutdown, and the lingering close; says why
+//! the connection ended.
 //! Called by `listener` after `tls::accept`; calls `forward` per request.
 
 use super::activity::{Activity, ActivityIo, Deadline};
 use super::forward::{self, ConnContext};
+use super::h1_park::{H1Conn, PARK_AFTER};
 use super::route::Router;
 use crate::config::HttpConfig;
 use crate::metrics::{CloseReason, ListenerMetrics};
 use crate::tls::Established;
 use crate::tls::accept::Alpn;
 use crate::tls::max_age::ConnectionAge;
-use crate::tls::stream::close_lingering;
+use crate::tls::stream::{ClientStream, close_lingering};
 use crate::upstream::Upstream;
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -89,42 +94,36 @@ pub fn serve_connection(
             async move { Ok::<_, Infallible>(forward::handle(req, &l, &cx).await) }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No hyper timer on HTTP/1.1: its header_read_timeout would also run while a keep-alive
-    // connection is idle. Ours (`Activity`) starts at the first byte of a request.
-    builder
-        .http1()
-        .keep_alive(true)
-        .max_buf_size(super::MAX_H1_BUFFER);
-    let h2_limits = &l.cfg.h2;
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(h2_limits.max_concurrent_streams)
-        .initial_stream_window_size(h2_limits.initial_stream_window)
-        .initial_connection_window_size(h2_limits.initial_connection_window)
-        .max_header_list_size(h2_limits.max_header_list_size)
-        .keep_alive_interval(h2_limits.keepalive_interval)
-        .keep_alive_timeout(h2_limits.keepalive_timeout)
-        // Rapid reset (CVE-2023-44487) and server-provoked resets (CVE-2025-8671): GOAWAY
-        // ENHANCE_YOUR_CALM past these counts. h2's defaults, pinned so that a change of
-        // default cannot silently drop the protection (tests/h2_abuse.rs).
-        .max_pending_accept_reset_streams(20)
-        .max_local_error_reset_streams(1024)
-        // RFC 8441: WebSocket over HTTP/2 arrives as an extended CONNECT.
-        .enable_connect_protocol();
-    let builder = if h2 {
-        builder.http2_only()
-    } else {
-        builder.http1_only()
-    };
-    let io = TokioIo::new(ActivityIo::new(client, activity.clone()));
-    // Boxed, not stack-pinned: it must really be dropped below to get the stream back.
-    let mut conn = Box::pin(
+    let io = ActivityIo::new(client, activity.clone());
+    let mut conn = if h2 {
+        let h2_limits = &l.cfg.h2;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned(),
-    );
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2_limits.max_concurrent_streams)
+            .initial_stream_window_size(h2_limits.initial_stream_window)
+            .initial_connection_window_size(h2_limits.initial_connection_window)
+            .max_header_list_size(h2_limits.max_header_list_size)
+            .keep_alive_interval(h2_limits.keepalive_interval)
+            .keep_alive_timeout(h2_limits.keepalive_timeout)
+            // Rapid reset (CVE-2023-44487) and server-provoked resets (CVE-2025-8671): GOAWAY
+            // ENHANCE_YOUR_CALM past these counts. h2's defaults, pinned so that a change of
+            // default cannot silently drop the protection (tests/h2_abuse.rs).
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024)
+            // RFC 8441: WebSocket over HTTP/2 arrives as an extended CONNECT.
+            .enable_connect_protocol();
+        // Boxed, not stack-pinned: it must really be dropped below to get the stream back.
+        Conn::H2(Box::pin(
+            builder.serve_connection(TokioIo::new(io), service),
+        ))
+    } else {
+        // No hyper timer on HTTP/1.1: its header_read_timeout would also run while a
+        // keep-alive connection is idle. Ours (`Activity`) starts at the first byte of a request.
+        let mut builder = http1::Builder::new();
+        builder.keep_alive(true).max_buf_size(super::MAX_H1_BUFFER);
+        Conn::H1(H1Conn::new(builder, io, service, l.metrics.clone()))
+    };
     async move {
         let header_timeout = (!h2).then_some(l.cfg.header_timeout);
         // Set once we start a graceful close ourselves (idle): the peer gets this long to finish
@@ -135,10 +134,16 @@ pub fn serve_connection(
         let mut closing = *shutdown.borrow();
         if closing {
             why = Some(CloseReason::Shutdown);
-            conn.as_mut().graceful_shutdown();
+            conn.graceful_shutdown();
         }
         let age_close = age.map(|a| a.close_at);
+        // HTTP/1.1: no parking attempt before this (pushed back while a write is unflushed).
+        let mut park_not_before = Instant::now();
         let ended = loop {
+            let park_at = (!closing && conn.can_park())
+                .then(|| activity.idle_since())
+                .flatten()
+                .map(|t| (t + PARK_AFTER).max(park_not_before));
             let wake = if closing {
                 close_by
             } else {
@@ -146,10 +151,10 @@ pub fn serve_connection(
                     Deadline::Busy => None,
                     Deadline::HeaderBy(t) | Deadline::IdleBy(t) | Deadline::StalledBy(t) => Some(t),
                 };
-                earliest(t, age_close)
+                earliest(earliest(t, age_close), park_at)
             };
             tokio::select! {
-                res = conn.as_mut() => {
+                res = &mut conn => {
                     let Err(e) = res else {
                         break why.unwrap_or(CloseReason::Completed);
                     };
@@ -172,7 +177,7 @@ pub fn serve_connection(
                     if h2 {
                         l.metrics.goaway_sent("shutdown");
                     }
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                 }
                 _ = activity.changed(), if !closing => {}
                 _ = sleep_until_opt(wake) => {
@@ -192,7 +197,16 @@ pub fn serve_connection(
                         closing = true;
                         why = Some(CloseReason::MaxAge);
                         close_by = Some(a.cut_at);
-                        conn.as_mut().graceful_shutdown();
+                        conn.graceful_shutdown();
+                        continue;
+                    }
+                    if park_at.is_some_and(|t| now >= t) {
+                        // hyper's buffers go only once all it wrote has reached the socket.
+                        if activity.flushed() {
+                            conn.park();
+                        } else {
+                            park_not_before = now + PARK_AFTER;
+                        }
                         continue;
                     }
                     match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
@@ -211,7 +225,7 @@ pub fn serve_connection(
                             closing = true;
                             why = Some(CloseReason::IdleTimeout);
                             close_by = Some(now + IDLE_CLOSE_GRACE.min(l.cfg.idle_timeout));
-                            conn.as_mut().graceful_shutdown();
+                            conn.graceful_shutdown();
                         }
                         _ => {}
                     }
@@ -246,6 +260,62 @@ pub fn serve_connection(
             Box::pin(close_lingering(tls)).await;
         }
         relay_cut.unwrap_or(ended)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type H2Conn<S> = http2::Connection<TokioIo<ActivityIo<ClientStream>>, S, TokioExecutor>;
+
+/// hyper's connection for the protocol ALPN chose.
+enum Conn<S: HttpService<Incoming>> {
+    H1(H1Conn<S>),
+    H2(Pin<Box<H2Conn<S>>>),
+}
+
+impl<S, B> Conn<S>
+where
+    S: HttpService<Incoming, ResBody = B> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Conn::H1(c) => c.graceful_shutdown(),
+            Conn::H2(c) => c.as_mut().graceful_shutdown(),
+        }
+    }
+
+    /// An HTTP/1.1 connection not parked already.
+    fn can_park(&self) -> bool {
+        matches!(self, Conn::H1(c) if !c.is_parked())
+    }
+
+    fn park(&mut self) {
+        if let Conn::H1(c) = self {
+            c.park();
+        }
+    }
+}
+
+impl<S, B> Future for Conn<S>
+where
+    S: HttpService<Incoming, ResBody = B> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Conn::H1(c) => Pin::new(c).poll(cx),
+            Conn::H2(c) => c.as_mut().poll(cx).map_err(Into::into),
+        }
     }
 }
 

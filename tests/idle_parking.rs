@@ -1,0 +1,197 @@
+//! Idle HTTP/1.1 connections are parked (hyper's connection taken apart, its buffers freed)
+//! after a second without a request: the next request on the same TLS session, pipelined
+//! requests, a client KeyUpdate, a close and the idle timeout all work on a parked connection.
+//! Parking is seen in `ephemera_http1_connections_parked`. Timing-sensitive: `serial()`.
+
+mod common;
+use common::*;
+use http_body_util::BodyExt;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Waits until `ephemera_http1_connections_parked` is `want`; returns the last value seen.
+async fn wait_parked(proxy: &Proxy, want: f64) -> f64 {
+    let mut v = -1.0;
+    for _ in 0..100 {
+        v = metric(
+            &proxy.metrics().await,
+            "ephemera_http1_connections_parked",
+            &[],
+        );
+        if v == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v
+}
+
+fn handshakes(text: &str) -> f64 {
+    metric(text, "ephemera_tls_handshakes_total", &[])
+}
+
+#[tokio::test]
+async fn a_parked_connection_carries_the_next_requests_and_bodies_both_ways() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        Some(&[backend]),
+        "",
+        "      max_request_body: 16MiB\n",
+        "",
+    ))
+    .await;
+    let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    assert_eq!(c.get("/").await.0, 200);
+    // Busy connections are not parked: requests back to back stay below the threshold.
+    assert_eq!(
+        wait_parked(&proxy, 1.0).await,
+        1.0,
+        "idle connection not parked"
+    );
+    for round in 0..2 {
+        let len = 3 * 1024 * 1024 + 17;
+        let resp = c
+            .send(request("POST", "/hash", pattern_body(len)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "round {round}");
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            format!("{len} {}", sha256(&pattern(0, len))),
+            "round {round}: upload after parking"
+        );
+        let len = 5 * 1024 * 1024 + 5;
+        let resp = c
+            .send(request("GET", &format!("/bytes/{len}"), empty()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let (n, h) = hash_body(resp.into_body()).await;
+        assert_eq!(
+            (n, h),
+            (len, sha256(&pattern(0, len))),
+            "round {round}: download after parking"
+        );
+        assert_eq!(
+            wait_parked(&proxy, 1.0).await,
+            1.0,
+            "round {round}: parked again"
+        );
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(handshakes(&m), 1.0, "one TLS session throughout");
+    drop(c);
+    assert_eq!(wait_parked(&proxy, 0.0).await, 0.0);
+}
+
+/// Two requests in one write wake a parked connection: both are answered, in order.
+#[tokio::test]
+async fn pipelined_requests_and_a_client_key_update_on_a_parked_connection() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
+    let mut tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    tls.write_all(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut tls).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(wait_parked(&proxy, 1.0).await, 1.0);
+
+    // A KeyUpdate alone carries no request: the connection stays parked and still works.
+    tls.get_mut().1.refresh_traffic_keys().unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(wait_parked(&proxy, 1.0).await, 1.0);
+
+    tls.write_all(
+        b"GET /b HTTP/1.1\r\nHost: localhost\r\n\r\nGET /c HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(
+        rest.matches("HTTP/1.1 200").count(),
+        2,
+        "both pipelined requests answered: {rest}"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "ephemera_http_requests_total",
+            &["version=\"HTTP/1.1\"", "status_class=\"2xx\""]
+        ),
+        3.0
+    );
+    assert_eq!(wait_parked(&proxy, 0.0).await, 0.0);
+}
+
+/// Reads one response with a Content-Length body.
+async fn read_response<S: AsyncReadExt + Unpin>(s: &mut S) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// A parked connection the client closes counts as completed; one left alone is closed by
+/// the idle timeout, counted as such.
+#[tokio::test]
+async fn parked_connections_close_as_completed_or_by_idle_timeout() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        None,
+        "",
+        "      idle_timeout: 3s\n",
+        "",
+    ))
+    .await;
+    let mut closing = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    let mut idle = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
+    assert_eq!(closing.get("/").await.0, 200);
+    assert_eq!(idle.get("/").await.0, 200);
+    assert_eq!(wait_parked(&proxy, 2.0).await, 2.0);
+    drop(closing);
+    assert_eq!(wait_parked(&proxy, 1.0).await, 1.0);
+    assert_eq!(wait_parked(&proxy, 0.0).await, 0.0, "idle timeout");
+    let m = proxy.metrics().await;
+    let closed = |reason: &str| {
+        metric(
+            &m,
+            "ephemera_tls_connections_closed_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(closed("idle_timeout"), 1.0);
+    assert_eq!(closed("completed") + closed("client_reset"), 1.0);
+    assert!(idle.send(request("GET", "/", empty())).await.is_err());
+}
