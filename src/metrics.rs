@@ -425,7 +425,7 @@ impl Metrics {
             http1_parked: gauge_vec(
                 &r,
                 "ephemera_http1_connections_parked",
-                "HTTP/1.1 client connections idle long enough to be parked (HTTP state freed until the next request).",
+                "HTTP/1.1 client connections idle for 250 ms and parked (HTTP state freed until the next request).",
                 &["listener"],
             ),
             h2_streams: counter_vec(

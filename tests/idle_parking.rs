@@ -1,5 +1,5 @@
 //! Idle HTTP/1.1 connections are parked (hyper's connection taken apart, its buffers freed)
-//! after a second without a request: the next request on the same TLS session, pipelined
+//! after 250 ms without a request: the next request on the same TLS session, pipelined
 //! requests, a client KeyUpdate, a close and the idle timeout all work on a parked connection.
 //! Parking is seen in `ephemera_http1_connections_parked`. Timing-sensitive: `serial()`.
 

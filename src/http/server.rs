@@ -84,6 +84,7 @@ pub fn serve_connection(
         activity: activity.clone(),
         shutdown: relays_stop_rx,
         key_updates: client.key_updates(),
+        forwarded_for: forward::ForwardedFor::new(&peer),
     });
 
     let service = {
@@ -91,7 +92,9 @@ pub fn serve_connection(
         service_fn(move |req| {
             let l = l.clone();
             let cx = cx.clone();
-            async move { Ok::<_, Infallible>(forward::handle(req, &l, &cx).await) }
+            // Boxed: hyper spawns a task per HTTP/2 stream and moves this future into it
+            // (and its output over it at the end); unboxed, that is several KiB copied twice.
+            async move { Ok::<_, Infallible>(Box::pin(forward::handle(req, &l, &cx)).await) }
         })
     };
     let io = ActivityIo::new(client, activity.clone());

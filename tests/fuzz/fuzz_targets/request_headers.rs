@@ -24,7 +24,7 @@
 
 use ephemera::config::{CertificateSource, HostMatch, Origin, PemSource, RouteAction, RouteConfig};
 use ephemera::http::activity::Activity;
-use ephemera::http::forward::{ConnContext, client_facts, rewrite_request_headers};
+use ephemera::http::forward::{ConnContext, ForwardedFor, client_facts, rewrite_request_headers};
 use ephemera::http::route::{Router, host_of, target_authority};
 use ephemera::http::upgrade;
 use ephemera::proxy_protocol::{read_header, v2_header};
@@ -297,6 +297,7 @@ fuzz_target!(|data: &[u8]| {
         activity: Activity::new(),
         shutdown,
         key_updates: Default::default(),
+        forwarded_for: ForwardedFor::new(&peer),
     };
     let authority = authority.map(|a| a.as_str().to_string());
     let before = req.headers().clone();
