@@ -7,7 +7,7 @@ use crate::config::{ListenerConfig, ListenerMode};
 use crate::http::route::Router;
 use crate::http::{ListenerHttp, serve_connection};
 use crate::log_limit::LogLimiter;
-use crate::metrics::{HandshakeFailure, ListenerMetrics, Metrics};
+use crate::metrics::{CloseReason, HandshakeFailure, ListenerMetrics, Metrics};
 use crate::tls::TlsAcceptor;
 use crate::tls::accept::TlsSetupError;
 use crate::tls::max_age::ConnectionAge;
@@ -15,6 +15,7 @@ use crate::tls::rate::HandshakeRateLimiter;
 use crate::upstream::{Upstream, UpstreamSetupError};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
@@ -272,23 +273,29 @@ impl BoundListener {
                     return;
                 }
                 // Boxed like the serving below: the handshake's state is freed when it ends.
-                if let Some(est) = Box::pin(tls.accept(sock, peer)).await {
-                    let age = max_age.map(|(a, grace)| ConnectionAge::start(a, grace));
-                    // Boxed: this task then holds the handshake's state or a pointer, never
-                    // both, and an idle connection costs only what serving it needs.
-                    let reason = match tcp {
-                        None => {
-                            Box::pin(serve_connection(est, peer, local, http, shutdown, age)).await
-                        }
-                        Some((up, idle)) => {
-                            Box::pin(crate::tcp::serve_connection(
-                                est, peer, local, up, idle, age,
-                            ))
-                            .await
+                // The serving future is built within this statement so that this task does
+                // not also keep room for the established stream while it is served (rustls'
+                // state inline, over 2 KiB): an async block keeps a local's space, moved away
+                // or not, for as long as the local is in scope.
+                let serving: Pin<Box<dyn Future<Output = CloseReason> + Send>> =
+                    match Box::pin(tls.accept(sock, peer)).await {
+                        None => return,
+                        Some(est) => {
+                            let age = max_age.map(|(a, grace)| ConnectionAge::start(a, grace));
+                            // Boxed: this task then holds the handshake's state or a pointer,
+                            // never both, and an idle connection costs only what serving it
+                            // needs.
+                            match tcp {
+                                None => Box::pin(serve_connection(
+                                    est, peer, local, http, shutdown, age,
+                                )),
+                                Some((up, idle)) => Box::pin(crate::tcp::serve_connection(
+                                    est, peer, local, up, idle, age,
+                                )),
+                            }
                         }
                     };
-                    metrics.connection_closed(reason);
-                }
+                metrics.connection_closed(serving.await);
             });
         }
         tracing::info!(listener = %state.load().cfg.name, %local_addr, "stopped accepting");

@@ -75,7 +75,7 @@ pub struct Established {
     /// The stream to serve: forces key updates, returns the TLS stream through `closed`.
     pub stream: ClientStream,
     /// Receives the TLS stream when `stream` is dropped, for `stream::close_lingering`.
-    pub closed: oneshot::Receiver<Closed>,
+    pub closed: oneshot::Receiver<Box<Closed>>,
     pub info: TlsInfo,
 }
 

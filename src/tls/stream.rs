@@ -45,7 +45,9 @@ pub struct ClientStream {
     metrics: RekeyMetrics,
     id: u64,
     accepted: Instant,
-    on_drop: Option<oneshot::Sender<Closed>>,
+    /// Boxed: a channel of `Closed` would hold room for the TLS stream (over 1 KiB) for
+    /// the whole life of the connection.
+    on_drop: Option<oneshot::Sender<Box<Closed>>>,
     /// close_notify and FIN were sent (hyper shut the stream down itself).
     shut_down: bool,
     /// Forced key updates so far, readable by the HTTP layer (access log).
@@ -60,7 +62,7 @@ impl ClientStream {
         metrics: RekeyMetrics,
         id: u64,
         accepted: Instant,
-    ) -> (ClientStream, oneshot::Receiver<Closed>) {
+    ) -> (ClientStream, oneshot::Receiver<Box<Closed>>) {
         let (tx, rx) = oneshot::channel();
         let s = ClientStream {
             inner: Some(stream),
@@ -135,10 +137,10 @@ impl Drop for ClientStream {
             .observe(self.accepted.elapsed().as_secs_f64());
         if let (Some(stream), Some(tx)) = (self.inner.take(), self.on_drop.take()) {
             // The receiver may be gone (task aborted): then the stream just closes.
-            let _ = tx.send(Closed {
+            let _ = tx.send(Box::new(Closed {
                 stream,
                 shut_down: self.shut_down,
-            });
+            }));
         }
     }
 }
@@ -238,11 +240,11 @@ impl AsyncWrite for ClientStream {
 
 /// close_notify + FIN (unless already sent), then drain what the client still sends (its
 /// KeyUpdate answers, a pipelined request we will not serve) until it closes or `LINGER` passes.
-pub async fn close_lingering(closed: Closed) {
+pub async fn close_lingering(closed: Box<Closed>) {
     let Closed {
         mut stream,
         shut_down,
-    } = closed;
+    } = *closed;
     let deadline = tokio::time::Instant::now() + LINGER;
     if !shut_down {
         let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
