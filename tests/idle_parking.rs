@@ -4,10 +4,12 @@
 //! Parking is seen in `ephemera_http1_connections_parked`. Timing-sensitive: `serial()`.
 
 mod common;
+use common::raw_backend::RawBackend;
 use common::*;
 use http_body_util::BodyExt;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Waits until `ephemera_http1_connections_parked` is `want`; returns the last value seen.
 async fn wait_parked(proxy: &Proxy, want: f64) -> f64 {
@@ -194,4 +196,115 @@ async fn parked_connections_close_as_completed_or_by_idle_timeout() {
     assert_eq!(closed("idle_timeout"), 1.0);
     assert_eq!(closed("completed") + closed("client_reset"), 1.0);
     assert!(idle.send(request("GET", "/", empty())).await.is_err());
+}
+
+/// A backend that answers as soon as it has a request head (before any body) and then reads
+/// the body to its end: the client's connection is between a response and the rest of its
+/// request body, which is no time to park it.
+async fn answer_before_the_body(mut sock: TcpStream, _n: usize) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        while !buf.ends_with(b"\r\n\r\n") {
+            match sock.read(&mut byte).await {
+                Ok(1) => buf.push(byte[0]),
+                _ => return,
+            }
+        }
+        let post = buf.starts_with(b"POST");
+        buf.clear();
+        if sock
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if post {
+            let mut rest = Vec::new();
+            let _ = sock.read_to_end(&mut rest).await;
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_a_request_body_is_not_parked() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = RawBackend::start(answer_before_the_body).await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend.addr]), "", "", "")).await;
+    let mut tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    tls.write_all(
+        b"POST /up HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    let first = read_response(&mut tls).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Well past the parking delay, with the upload unfinished.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        metric(
+            &proxy.metrics().await,
+            "ephemera_http1_connections_parked",
+            &[]
+        ),
+        0.0,
+        "parked in the middle of a request body"
+    );
+    // The end of the body, then a next request: the last chunk must not be taken for a head.
+    tls.write_all(b"0\r\n\r\nGET /next HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.starts_with("HTTP/1.1 200"),
+        "the request after the body: {rest}"
+    );
+}
+
+/// A partial next request that arrived with the previous one (more than the parked read's
+/// 512 bytes) survives the attempts to park the connection and arrives whole.
+#[tokio::test]
+async fn a_long_partial_next_request_survives_parking_attempts() {
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    let mut tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let pad = "a".repeat(700);
+    let mut first = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec();
+    first.extend_from_slice(
+        format!("GET /headers HTTP/1.1\r\nHost: localhost\r\nX-Pad: {pad}").as_bytes(),
+    );
+    tls.write_all(&first).await.unwrap();
+    let one = read_response(&mut tls).await;
+    assert!(one.starts_with("HTTP/1.1 200"), "{one}");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    tls.write_all(b"\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    assert!(
+        rest.contains(&format!("x-pad: {pad}\n")),
+        "the padded header arrived whole: {rest}"
+    );
 }

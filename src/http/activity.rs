@@ -29,6 +29,12 @@ pub struct Activity {
     bodies_waiting: AtomicUsize,
     /// Milliseconds since `epoch` of the last time any response body was asked for data.
     body_pulled_ms: AtomicU64,
+    /// HTTP/1.1 request bodies hyper is still reading (`BodyReading`): the connection is
+    /// mid-message and must not be parked.
+    bodies_reading: AtomicUsize,
+    /// A request body was dropped before its end: hyper drains or closes the rest, so this
+    /// connection is never parked again.
+    no_park: AtomicBool,
     /// Something was written since the last completed flush: bytes may still sit in a
     /// buffer above the socket (hyper's, rustls's).
     unflushed: AtomicBool,
@@ -47,6 +53,8 @@ impl Activity {
             write_blocked_ms: AtomicU64::new(0),
             bodies_waiting: AtomicUsize::new(0),
             body_pulled_ms: AtomicU64::new(0),
+            bodies_reading: AtomicUsize::new(0),
+            no_park: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             changed: Notify::new(),
         })
@@ -96,11 +104,24 @@ impl Activity {
         !self.unflushed.load(Ordering::Relaxed)
     }
 
-    /// When the connection last became idle (no request in flight), if it is idle now.
-    pub fn idle_since(&self) -> Option<Instant> {
+    /// When the connection last became idle (no request in flight), if it is idle now and
+    /// between messages: no request body is being read, none was left unread.
+    pub fn parkable_since(&self) -> Option<Instant> {
         (self.in_flight.load(Ordering::Acquire) == 0
-            && self.head_started_ms.load(Ordering::Acquire) == 0)
-            .then(|| self.at(self.idle_since_ms.load(Ordering::Acquire)))
+            && self.head_started_ms.load(Ordering::Acquire) == 0
+            && self.bodies_reading.load(Ordering::Acquire) == 0
+            && !self.no_park.load(Ordering::Acquire))
+        .then(|| self.at(self.idle_since_ms.load(Ordering::Acquire)))
+    }
+
+    /// An HTTP/1.1 request body starts: the connection is mid-message until the returned
+    /// guard is told the body `ended` (or dropped, which rules out parking from then on).
+    pub fn body_reading(self: &Arc<Self>) -> BodyReading {
+        self.bodies_reading.fetch_add(1, Ordering::AcqRel);
+        BodyReading {
+            activity: self.clone(),
+            ended: false,
+        }
     }
 
     /// A response body is being asked for data (by hyper, when the client can take it).
@@ -170,6 +191,28 @@ pub enum Deadline {
     /// A request is in flight but the client has taken nothing of what we have for it:
     /// close the connection at this instant.
     StalledBy(Instant),
+}
+
+/// A request body hyper is reading; see `Activity::body_reading`.
+pub struct BodyReading {
+    activity: Arc<Activity>,
+    ended: bool,
+}
+
+impl BodyReading {
+    /// hyper has read the whole body: the connection is between messages again.
+    pub fn ended(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for BodyReading {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.activity.no_park.store(true, Ordering::Release);
+        }
+        self.activity.bodies_reading.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Marks a request as finished when dropped (with its response body).

@@ -3,7 +3,7 @@
 //! and map backend failures to 502/504. Bodies stream both ways; none is buffered whole.
 
 use super::access::AccessEntry;
-use super::activity::{Activity, RequestGuard};
+use super::activity::{Activity, BodyReading, RequestGuard};
 use super::route::{host_of, target_authority};
 use super::server::ListenerHttp;
 use super::upgrade;
@@ -100,6 +100,10 @@ pub async fn handle(
     c: &ConnContext,
 ) -> Response<ProxyBody> {
     let version = version_label(req.version());
+    // HTTP/1.1: the connection is mid-message until hyper has read this body (see
+    // `h1_park`); dropped unread (a fixed response, an error), it is never parked again.
+    let body_reading = (req.version() != Version::HTTP_2 && !req.body().is_end_stream())
+        .then(|| c.activity.body_reading());
     let mut guard = Guards {
         request: c.activity.begin(),
         _h2_stream: (req.version() == Version::HTTP_2).then(|| l.metrics.h2_stream()),
@@ -170,7 +174,7 @@ pub async fn handle(
                 if let Some(a) = guard.access.as_mut() {
                     a.upstream = Some(up.name().to_string());
                 }
-                forward(req, authority, up, l, c).await
+                forward(req, body_reading, authority, up, l, c).await
             }
             None => simple(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -227,6 +231,7 @@ pub(super) fn simple(status: StatusCode, text: impl Into<Bytes>) -> Response<Pro
 
 async fn forward(
     req: Request<Incoming>,
+    body_reading: Option<BodyReading>,
     authority: Option<Authority>,
     up: &Upstream,
     l: &ListenerHttp,
@@ -269,7 +274,12 @@ async fn forward(
         parts.extensions.insert(client_facts(c));
     }
     let usize_limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let body = ClientBody::new(Limited::new(body, usize_limit), l.cfg.idle_timeout).boxed();
+    let body = ClientBody::new(
+        Limited::new(body, usize_limit),
+        l.cfg.idle_timeout,
+        body_reading,
+    )
+    .boxed();
     match up.send(Request::from_parts(parts, body)).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
@@ -408,15 +418,21 @@ pin_project_lite::pin_project! {
         inner: Limited<Incoming>,
         timeout: Duration,
         stall: Pin<Box<tokio::time::Sleep>>,
+        reading: Option<BodyReading>,
     }
 }
 
 impl ClientBody {
-    fn new(inner: Limited<Incoming>, timeout: Duration) -> ClientBody {
+    fn new(
+        inner: Limited<Incoming>,
+        timeout: Duration,
+        reading: Option<BodyReading>,
+    ) -> ClientBody {
         ClientBody {
             inner,
             timeout,
             stall: Box::pin(tokio::time::sleep(timeout)),
+            reading,
         }
     }
 }
@@ -428,11 +444,18 @@ impl Body for ClientBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
                 let next = tokio::time::Instant::now() + *this.timeout;
                 this.stall.as_mut().reset(next);
+                let clean = !matches!(frame, Some(Err(_)));
+                if clean
+                    && (frame.is_none() || this.inner.is_end_stream())
+                    && let Some(r) = this.reading.take()
+                {
+                    r.ended();
+                }
                 Poll::Ready(frame)
             }
             Poll::Pending => match this.stall.as_mut().poll(cx) {

@@ -8,7 +8,7 @@
 use super::activity::ActivityIo;
 use crate::metrics::{GaugeGuard, ListenerMetrics};
 use crate::tls::stream::ClientStream;
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::HttpService;
@@ -76,8 +76,9 @@ where
         }
     }
 
-    /// Park the connection. Only call this when no request is in flight and everything
-    /// hyper wrote has been flushed (`Activity::flushed`): hyper's buffers are dropped.
+    /// Park the connection. Only call this between messages (`Activity::parkable_since`: no
+    /// request in flight, no request body being read) and when everything hyper wrote has
+    /// been flushed (`Activity::flushed`): hyper's buffers and parser state are dropped.
     pub fn park(&mut self) {
         let State::Serving(conn) = std::mem::replace(&mut self.state, State::Done) else {
             return;
@@ -87,12 +88,17 @@ where
             return;
         };
         let mut io = parts.io.into_inner();
-        if parts.read_buf.is_empty() {
+        if parts.read_buf.is_empty() && io.prefix.is_empty() {
             let gauge = self.metrics.http1_parked();
             self.state = State::Parked(Box::new((io, parts.service, gauge)));
         } else {
-            // The start of the next request arrived with the last one: serve it now.
-            io.prefix = parts.read_buf;
+            // The start of the next request arrived with the last one: serve it now. hyper
+            // read `read_buf` before what is left of our prefix.
+            if !parts.read_buf.is_empty() {
+                let mut joined = BytesMut::from(&parts.read_buf[..]);
+                joined.extend_from_slice(&io.prefix);
+                io.prefix = joined.freeze();
+            }
             self.state = State::Serving(serve(&self.builder, io, parts.service));
         }
     }
@@ -145,8 +151,12 @@ where
                             this.state = State::Parked(parked);
                             return Poll::Pending;
                         }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                        // The client closed an idle connection, as hyper would report it.
+                        // The client closed or reset an idle connection: hyper reports both
+                        // as a clean end (a read error between messages is no failure).
+                        Poll::Ready(Err(e)) => {
+                            tracing::debug!(error = %e, "idle HTTP/1.1 connection ended");
+                            return Poll::Ready(Ok(()));
+                        }
                         Poll::Ready(Ok(())) if buf.filled().is_empty() => {
                             return Poll::Ready(Ok(()));
                         }

@@ -144,7 +144,7 @@ pub fn serve_connection(
         let mut park_not_before = Instant::now();
         let ended = loop {
             let park_at = (!closing && conn.can_park())
-                .then(|| activity.idle_since())
+                .then(|| activity.parkable_since())
                 .flatten()
                 .map(|t| (t + PARK_AFTER).max(park_not_before));
             let wake = if closing {
@@ -207,9 +207,10 @@ pub fn serve_connection(
                         // hyper's buffers go only once all it wrote has reached the socket.
                         if activity.flushed() {
                             conn.park();
-                        } else {
-                            park_not_before = now + PARK_AFTER;
                         }
+                        // Not parked (unflushed, or bytes of a next request were buffered and
+                        // it is served at once): try again no sooner than this.
+                        park_not_before = now + PARK_AFTER;
                         continue;
                     }
                     match activity.next_deadline(header_timeout, l.cfg.idle_timeout) {
