@@ -11,21 +11,17 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Waits until `ephemera_http1_connections_parked` is `want`; returns the last value seen.
-async fn wait_parked(proxy: &Proxy, want: f64) -> f64 {
-    let mut v = -1.0;
-    for _ in 0..100 {
-        v = metric(
-            &proxy.metrics().await,
-            "ephemera_http1_connections_parked",
-            &[],
-        );
-        if v == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    v
+const PARKED: &str = "ephemera_http1_connections_parked";
+
+/// A raw TLS connection to the proxy speaking HTTP/1.1.
+async fn h1_tls(proxy: &Proxy, certs: &Certs) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap()
 }
 
 fn handshakes(text: &str) -> f64 {
@@ -48,11 +44,7 @@ async fn a_parked_connection_carries_the_next_requests_and_bodies_both_ways() {
     let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
     assert_eq!(c.get("/").await.0, 200);
     // Busy connections are not parked: requests back to back stay below the threshold.
-    assert_eq!(
-        wait_parked(&proxy, 1.0).await,
-        1.0,
-        "idle connection not parked"
-    );
+    wait_metric(&proxy, PARKED, &[], 1.0).await;
     for round in 0..2 {
         let len = 3 * 1024 * 1024 + 17;
         let resp = c
@@ -78,16 +70,12 @@ async fn a_parked_connection_carries_the_next_requests_and_bodies_both_ways() {
             (len, sha256(&pattern(0, len))),
             "round {round}: download after parking"
         );
-        assert_eq!(
-            wait_parked(&proxy, 1.0).await,
-            1.0,
-            "round {round}: parked again"
-        );
+        wait_metric(&proxy, PARKED, &[], 1.0).await;
     }
     let m = proxy.metrics().await;
     assert_eq!(handshakes(&m), 1.0, "one TLS session throughout");
     drop(c);
-    assert_eq!(wait_parked(&proxy, 0.0).await, 0.0);
+    wait_metric(&proxy, PARKED, &[], 0.0).await;
 }
 
 /// Two requests in one write wake a parked connection: both are answered, in order.
@@ -96,25 +84,19 @@ async fn pipelined_requests_and_a_client_key_update_on_a_parked_connection() {
     let _serial = serial().await;
     let certs = Certs::new(&["localhost"]);
     let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
-    let mut tls = tls_connect(
-        proxy.addr,
-        "localhost",
-        client_config(&certs.ca_der(), &[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
+    let mut tls = h1_tls(&proxy, &certs).await;
     tls.write_all(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let first = read_response(&mut tls).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    assert_eq!(wait_parked(&proxy, 1.0).await, 1.0);
+    wait_metric(&proxy, PARKED, &[], 1.0).await;
 
     // A KeyUpdate alone carries no request: the connection stays parked and still works.
     tls.get_mut().1.refresh_traffic_keys().unwrap();
     tls.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(wait_parked(&proxy, 1.0).await, 1.0);
+    wait_metric(&proxy, PARKED, &[], 1.0).await;
 
     tls.write_all(
         b"GET /b HTTP/1.1\r\nHost: localhost\r\n\r\nGET /c HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -138,7 +120,7 @@ async fn pipelined_requests_and_a_client_key_update_on_a_parked_connection() {
         ),
         3.0
     );
-    assert_eq!(wait_parked(&proxy, 0.0).await, 0.0);
+    wait_metric(&proxy, PARKED, &[], 0.0).await;
 }
 
 /// Reads one response with a Content-Length body.
@@ -181,10 +163,10 @@ async fn parked_connections_close_as_completed_or_by_idle_timeout() {
     let mut idle = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
     assert_eq!(closing.get("/").await.0, 200);
     assert_eq!(idle.get("/").await.0, 200);
-    assert_eq!(wait_parked(&proxy, 2.0).await, 2.0);
+    wait_metric(&proxy, PARKED, &[], 2.0).await;
     drop(closing);
-    assert_eq!(wait_parked(&proxy, 1.0).await, 1.0);
-    assert_eq!(wait_parked(&proxy, 0.0).await, 0.0, "idle timeout");
+    wait_metric(&proxy, PARKED, &[], 1.0).await;
+    wait_metric(&proxy, PARKED, &[], 0.0).await;
     let m = proxy.metrics().await;
     let closed = |reason: &str| {
         metric(
@@ -234,13 +216,7 @@ async fn a_connection_still_sending_a_request_body_is_not_parked() {
     let certs = Certs::new(&["localhost"]);
     let backend = RawBackend::start(answer_before_the_body).await;
     let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend.addr]), "", "", "")).await;
-    let mut tls = tls_connect(
-        proxy.addr,
-        "localhost",
-        client_config(&certs.ca_der(), &[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
+    let mut tls = h1_tls(&proxy, &certs).await;
     tls.write_all(
         b"POST /up HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
     )
@@ -251,11 +227,7 @@ async fn a_connection_still_sending_a_request_body_is_not_parked() {
     // Well past the parking delay, with the upload unfinished.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
-        metric(
-            &proxy.metrics().await,
-            "ephemera_http1_connections_parked",
-            &[]
-        ),
+        metric(&proxy.metrics().await, PARKED, &[]),
         0.0,
         "parked in the middle of a request body"
     );
@@ -280,13 +252,7 @@ async fn a_long_partial_next_request_survives_parking_attempts() {
     let certs = Certs::new(&["localhost"]);
     let backend = start_backend().await;
     let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
-    let mut tls = tls_connect(
-        proxy.addr,
-        "localhost",
-        client_config(&certs.ca_der(), &[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
+    let mut tls = h1_tls(&proxy, &certs).await;
     let pad = "a".repeat(700);
     let mut first = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec();
     first.extend_from_slice(

@@ -11,7 +11,7 @@ use common::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -83,22 +83,6 @@ async fn s_client(addr: SocketAddr, ca: &Path, args: &[&str], input: Option<&[u8
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         ),
-    }
-}
-
-/// Poll `/metrics` until `name{labels}` reads `want` (at most 3 s); returns the exposition.
-async fn wait_metric(proxy: &Proxy, name: &str, labels: &[&str], want: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let text = proxy.metrics().await;
-        let got = metric(&text, name, labels);
-        if got == want {
-            return text;
-        }
-        if Instant::now() > deadline {
-            panic!("{name}{labels:?}: got {got}, want {want}\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

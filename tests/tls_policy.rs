@@ -19,29 +19,13 @@ use rustls::{
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const STEP: Duration = Duration::from_secs(5);
 
 // ---------- helpers local to this file ----------
-
-/// Poll `/metrics` until `name{labels}` reads `want` (at most 3 s); returns the exposition.
-async fn wait_metric(proxy: &Proxy, name: &str, labels: &[&str], want: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let text = proxy.metrics().await;
-        let got = metric(&text, name, labels);
-        if got == want {
-            return text;
-        }
-        if Instant::now() > deadline {
-            panic!("{name}{labels:?}: got {got}, want {want}\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn failures(reason: &str) -> [String; 2] {
     [

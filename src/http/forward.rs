@@ -449,8 +449,9 @@ impl Body for ClientBody {
             Poll::Ready(frame) => {
                 let next = tokio::time::Instant::now() + *this.timeout;
                 this.stall.as_mut().reset(next);
-                let clean = !matches!(frame, Some(Err(_)));
-                if clean
+                // Checked only until the body's end has been seen once.
+                if this.reading.is_some()
+                    && !matches!(frame, Some(Err(_)))
                     && (frame.is_none() || this.inner.is_end_stream())
                     && let Some(r) = this.reading.take()
                 {

@@ -6,6 +6,7 @@
 //! connection's state (HPACK tables, settings, streams) lives across requests.
 
 use super::activity::ActivityIo;
+use crate::body::BoxError;
 use crate::metrics::{GaugeGuard, ListenerMetrics};
 use crate::tls::stream::ClientStream;
 use bytes::{Buf, Bytes, BytesMut};
@@ -13,7 +14,6 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
-use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -29,7 +29,6 @@ pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 type Stream = ParkableIo<ActivityIo<ClientStream>>;
 type Serving<S> = http1::UpgradeableConnection<TokioIo<Stream>, S>;
-type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// An HTTP/1.1 connection that can be parked while idle; a `Future` like hyper's.
 pub struct H1Conn<S: HttpService<Incoming>> {

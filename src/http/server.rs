@@ -8,6 +8,7 @@ use super::activity::{Activity, ActivityIo, Deadline};
 use super::forward::{self, ConnContext};
 use super::h1_park::{H1Conn, PARK_AFTER};
 use super::route::Router;
+use crate::body::BoxError;
 use crate::config::HttpConfig;
 use crate::metrics::{CloseReason, ListenerMetrics};
 use crate::tls::Established;
@@ -267,7 +268,6 @@ pub fn serve_connection(
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type H2Conn<S> = http2::Connection<TokioIo<ActivityIo<ClientStream>>, S, TokioExecutor>;
 
 /// hyper's connection for the protocol ALPN chose.

@@ -265,6 +265,22 @@ pub async fn admin_request(
 
 /// The value of one exposition line whose name+labels start with `prefix` and contain every
 /// `labels` fragment; 0 when absent.
+/// Poll `/metrics` until `name{labels}` reads `want` (at most 5 s); returns the exposition.
+pub async fn wait_metric(proxy: &Proxy, name: &str, labels: &[&str], want: f64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = proxy.metrics().await;
+        let got = metric(&text, name, labels);
+        if got == want {
+            return text;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{name}{labels:?}: got {got}, want {want}\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
