@@ -262,6 +262,7 @@ impl TlsAcceptor {
         let accepted = std::time::Instant::now() - started.elapsed();
         let (stream, closed) = ClientStream::new(
             stream,
+            alpn == Alpn::H2,
             self.key_update,
             self.metrics.rekey().clone(),
             id,

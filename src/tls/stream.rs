@@ -2,6 +2,12 @@
 //! KeyUpdates by policy (`tls::rekey`), records per-connection figures, and returns the TLS
 //! stream to the connection task when dropped, for the lingering close.
 //!
+//! Held-back flushes (HTTP/2 only): a flush asked for while the client's next bytes already
+//! wait decrypted in rustls is held back, because the caller reads them next and flushes again
+//! (h2 flushes at the end of every poll of the connection): the answers then share one write.
+//! On a new HTTP/2 connection this puts the server SETTINGS, WINDOW_UPDATE and SETTINGS ACK
+//! into one record write instead of two (one write of five per handshake-and-request).
+//!
 //! Lingering close: hyper owns the stream while serving and drops it when the connection
 //! ends. Dropping a socket with unread bytes in its receive queue (the client's KeyUpdate
 //! answers, a pipelined request) makes the kernel send RST, and the client then loses the
@@ -30,8 +36,11 @@ pub type ServerTls = TlsStream<TcpStream>;
 /// What the connection task gets back when the `ClientStream` is dropped.
 pub struct Closed {
     pub stream: ServerTls,
-    /// close_notify and FIN already went out: do not send them again.
+    /// close_notify (and FIN, unless `peer_done`) already went out: do not send them again.
     pub shut_down: bool,
+    /// The client finished sending (close_notify or FIN read): nothing is left to drain, and
+    /// closing the socket sends our FIN without the risk of a reset.
+    pub peer_done: bool,
 }
 
 /// An established client connection: TLS, forced key updates, return-on-drop.
@@ -52,12 +61,22 @@ pub struct ClientStream {
     shut_down: bool,
     /// Forced key updates so far, readable by the HTTP layer (access log).
     updates_seen: Arc<AtomicU64>,
+    /// Flushes may be held back while input waits (see the module comment): HTTP/2.
+    coalesce: bool,
+    /// Records are queued in rustls that a held-back flush has not written yet.
+    owed: bool,
+    /// The task was woken once to come back for an owed flush.
+    owed_woken: bool,
+    /// The client finished sending: close_notify or FIN was read.
+    peer_done: bool,
 }
 
 impl ClientStream {
-    /// The receiver gets the TLS stream back once the `ClientStream` is dropped.
+    /// The receiver gets the TLS stream back once the `ClientStream` is dropped. `coalesce`:
+    /// hold flushes back while input waits (HTTP/2, whose connection flushes once per poll).
     pub fn new(
         stream: ServerTls,
+        coalesce: bool,
         policy: Option<KeyUpdatePolicy>,
         metrics: RekeyMetrics,
         id: u64,
@@ -75,6 +94,10 @@ impl ClientStream {
             on_drop: Some(tx),
             shut_down: false,
             updates_seen: Arc::new(AtomicU64::new(0)),
+            coalesce,
+            owed: false,
+            owed_woken: false,
+            peer_done: false,
         };
         (s, rx)
     }
@@ -119,10 +142,66 @@ impl ClientStream {
     /// Write a queued KeyUpdate out now, even from the read side: tokio-rustls writes records
     /// only from poll_write/poll_flush, and an idle connection has no writes coming.
     fn flush_key_update(&mut self, cx: &mut Context<'_>) {
-        if self.flush_pending && self.io().poll_flush(cx).is_ready() {
+        if self.flush_pending {
             // An error surfaces on the next write.
-            self.flush_pending = false;
+            let _ = self.flush_now(cx);
         }
+    }
+
+    /// Write everything queued in rustls to the socket.
+    fn flush_now(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.io().poll_flush(cx);
+        if r.is_ready() {
+            self.flush_pending = false;
+            self.owed = false;
+            self.owed_woken = false;
+        }
+        r
+    }
+
+    /// The client's next bytes are decrypted and waiting: the caller is about to read them.
+    fn input_waiting(&mut self) -> bool {
+        use std::io::BufRead;
+        let conn = self.io().get_mut().get_mut().1;
+        matches!(conn.reader().fill_buf(), Ok(b) if !b.is_empty())
+    }
+
+    /// Queue a write in rustls without writing to the socket, when flushes are held back;
+    /// `None`: take the usual path (rustls' buffer is full, or nothing waits).
+    fn hold_write(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
+        use std::io::Write;
+        if !self.coalesce || !self.input_waiting() {
+            return None;
+        }
+        let conn = self.io().get_mut().get_mut().1;
+        match conn.writer().write_vectored(bufs) {
+            Ok(n) if n > 0 => {
+                self.owed = true;
+                Some(n)
+            }
+            _ => None,
+        }
+    }
+
+    fn write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.failure() {
+            return Poll::Ready(Err(e));
+        }
+        self.flush_key_update(cx);
+        let r = match self.hold_write(bufs) {
+            Some(n) => Poll::Ready(Ok(n)),
+            None => self.io().poll_write_vectored(cx, bufs),
+        };
+        if let Poll::Ready(Ok(n)) = r
+            && let Some(trigger) = self.rekey.on_write(n)
+        {
+            self.force(cx, trigger);
+        }
+        r
     }
 }
 
@@ -140,6 +219,7 @@ impl Drop for ClientStream {
             let _ = tx.send(Box::new(Closed {
                 stream,
                 shut_down: self.shut_down,
+                peer_done: self.peer_done,
             }));
         }
     }
@@ -163,8 +243,26 @@ impl AsyncRead for ClientStream {
             return Poll::Ready(Err(e));
         }
         let before = buf.filled().len();
+        let asked = buf.remaining() > 0;
         let r = self.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        match &r {
+            Poll::Ready(Ok(())) if n == 0 && asked => self.peer_done = true,
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                self.peer_done = true
+            }
+            // An owed flush must not wait for the client: come back once (h2 normally
+            // flushes before then), and write it on the next read that would block.
+            Poll::Pending if self.owed => {
+                if self.owed_woken {
+                    let _ = self.flush_now(cx);
+                } else {
+                    self.owed_woken = true;
+                    cx.waker().wake_by_ref();
+                }
+            }
+            _ => {}
+        }
         let mut due = self.rekey.on_read(n);
         // The age timer is polled only when the read parks, so the busy path stays a compare.
         if due.is_none() && r.is_pending() {
@@ -180,39 +278,19 @@ impl AsyncRead for ClientStream {
 
 impl AsyncWrite for ClientStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.failure() {
-            return Poll::Ready(Err(e));
-        }
-        self.flush_key_update(cx);
-        let r = self.io().poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r
-            && let Some(trigger) = self.rekey.on_write(n)
-        {
-            self.force(cx, trigger);
-        }
-        r
+        self.get_mut().write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.failure() {
-            return Poll::Ready(Err(e));
-        }
-        self.flush_key_update(cx);
-        let r = self.io().poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r
-            && let Some(trigger) = self.rekey.on_write(n)
-        {
-            self.force(cx, trigger);
-        }
-        r
+        self.get_mut().write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -222,14 +300,24 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = self.io().poll_flush(cx);
-        if r.is_ready() {
-            self.flush_pending = false;
+        if self.coalesce && self.input_waiting() {
+            // Held back: the caller reads the waiting input and flushes again after it.
+            self.owed = self.owed || self.io().get_ref().1.wants_write();
+            return Poll::Ready(Ok(()));
         }
-        r
+        self.flush_now(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.peer_done {
+            // The client sends nothing more: close_notify now, our FIN when the socket
+            // closes (a shutdown call and the drain read would add nothing).
+            if !self.shut_down {
+                self.io().get_mut().get_mut().1.send_close_notify();
+                self.shut_down = true;
+            }
+            return self.flush_now(cx);
+        }
         let r = self.io().poll_shutdown(cx);
         if r.is_ready() {
             self.shut_down = true;
@@ -244,8 +332,17 @@ pub async fn close_lingering(closed: Box<Closed>) {
     let Closed {
         mut stream,
         shut_down,
+        peer_done,
     } = *closed;
     let deadline = tokio::time::Instant::now() + LINGER;
+    if peer_done {
+        // Nothing is left to drain: close_notify, then the FIN goes with the close.
+        if !shut_down {
+            stream.get_mut().1.send_close_notify();
+            let _ = tokio::time::timeout_at(deadline, stream.flush()).await;
+        }
+        return;
+    }
     if !shut_down {
         let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
     }
@@ -255,5 +352,131 @@ pub async fn close_lingering(closed: Box<Closed>) {
         if n == 0 {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Held-back flushes over a real TLS connection on loopback: what the client can read
+    //! tells whether the server's records reached the socket.
+    use super::*;
+    use crate::config::Group;
+    use crate::metrics::Metrics;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::{ClientConfig, RootCertStore, ServerConfig};
+    use tokio::net::TcpListener;
+    use tokio_rustls::client::TlsStream as ClientTls;
+
+    const NOTHING_WITHIN: Duration = Duration::from_millis(200);
+    const WITHIN: Duration = Duration::from_secs(5);
+
+    async fn pair(coalesce: bool) -> (ClientStream, ClientTls<TcpStream>) {
+        let (ca, leaf) = crate::certgen::ca_and_leaf(&["localhost".to_string()]).unwrap();
+        let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(super::super::policy::provider(&[Group::X25519]));
+        let versions = &[&rustls::version::TLS13];
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+            .unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(server))
+                .accept(tcp)
+                .await
+                .unwrap()
+        };
+        let (client, server) = tokio::join!(connect, accept);
+        let metrics = Metrics::new().listener("t", &["x25519"]).rekey().clone();
+        let (server, _closed) =
+            ClientStream::new(server, coalesce, None, metrics, 1, Instant::now());
+        (server, client)
+    }
+
+    /// Client sends `sent`; the server reads `first` bytes of it, so the rest waits
+    /// decrypted in rustls, then writes and flushes `reply`.
+    async fn reply_with_input_waiting(
+        server: &mut ClientStream,
+        client: &mut ClientTls<TcpStream>,
+        sent: &[u8],
+        first: usize,
+        reply: &[u8],
+    ) {
+        client.write_all(sent).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0; first];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, sent[..first]);
+        server.write_all(reply).await.unwrap();
+        server.flush().await.unwrap();
+    }
+
+    async fn read_some(client: &mut ClientTls<TcpStream>, within: Duration) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(within, client.read(&mut buf))
+            .await
+            .ok()?
+            .unwrap();
+        Some(buf[..n].to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_flush_with_input_waiting_is_held_until_the_input_is_read() {
+        let (mut server, mut client) = pair(true).await;
+        reply_with_input_waiting(&mut server, &mut client, b"ping-pong", 4, b"reply").await;
+        assert_eq!(
+            read_some(&mut client, NOTHING_WITHIN).await,
+            None,
+            "held back while '-pong' waits"
+        );
+        let mut rest = [0u8; 5];
+        server.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"-pong");
+        server.flush().await.unwrap();
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"reply");
+    }
+
+    #[tokio::test]
+    async fn without_coalescing_a_flush_writes_at_once() {
+        let (mut server, mut client) = pair(false).await;
+        reply_with_input_waiting(&mut server, &mut client, b"ping-pong", 4, b"reply").await;
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"reply");
+    }
+
+    #[tokio::test]
+    async fn an_owed_flush_goes_out_when_the_reader_blocks_without_flushing() {
+        let (mut server, mut client) = pair(true).await;
+        reply_with_input_waiting(&mut server, &mut client, b"ab", 1, b"r2").await;
+        // The server only reads from here on: the owed records must still be written.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            while server.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"r2");
+        reader.abort();
     }
 }
