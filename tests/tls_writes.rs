@@ -6,7 +6,8 @@
 //!   the server's SETTINGS, WINDOW_UPDATE and SETTINGS ACK arrive together (a flush asked for
 //!   while input waits is held back; the unit tests in src/tls/stream.rs show the holding
 //!   itself), and a held-back flush still goes out when the input turns out incomplete.
-//! - A client that sends close_notify gets the proxy's close_notify and a clean end.
+//! - A client that sends close_notify, or only a FIN, gets the proxy's close_notify and a
+//!   clean end (after a FIN the proxy closes without a shutdown call or a drain read).
 
 mod common;
 #[path = "common/h2frames.rs"]
@@ -86,6 +87,14 @@ impl RawTls {
     async fn close(mut self) -> bool {
         self.conn.send_close_notify();
         self.flush_tls().await;
+        while self.recv_tls().await {}
+        self.conn.process_new_packets().unwrap().peer_has_closed()
+    }
+
+    /// Send a FIN without close_notify and read to the end: true if the server answered
+    /// with close_notify (a reset fails the read).
+    async fn fin(mut self) -> bool {
+        self.tcp.shutdown().await.unwrap();
         while self.recv_tls().await {}
         self.conn.process_new_packets().unwrap().peer_has_closed()
     }
@@ -184,7 +193,7 @@ async fn response_status(c: &mut RawTls, mut seen: Vec<Frame>) -> Option<Status>
 }
 
 #[tokio::test]
-async fn a_client_close_notify_gets_ours_and_a_clean_end() {
+async fn a_client_close_notify_or_fin_gets_ours_and_a_clean_end() {
     let certs = Certs::new(&["localhost"]);
     let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
     // HTTP/2: the connection ends when the client's close_notify is read.
@@ -195,6 +204,16 @@ async fn a_client_close_notify_gets_ours_and_a_clean_end() {
         Some(Status::Code(200))
     );
     assert!(c.close().await, "the proxy's close_notify before its FIN");
+    // A FIN alone: nothing more can come, close_notify then close.
+    let mut c = RawTls::connect(proxy.addr, &certs, &first).await;
+    assert_eq!(
+        response_status(&mut c, Vec::new()).await,
+        Some(Status::Code(200))
+    );
+    assert!(
+        c.fin().await,
+        "the proxy's close_notify after the client's FIN"
+    );
 
     // HTTP/1.1 through tokio-rustls: close_notify and FIN after a complete response, then
     // read_to_end, which fails on a reset or on an end without close_notify.
@@ -232,7 +251,7 @@ async fn a_client_close_notify_gets_ours_and_a_clean_end() {
         &proxy,
         "ephemera_tls_connections_closed_total",
         &["reason=\"completed\""],
-        2.0,
+        3.0,
     )
     .await;
 }

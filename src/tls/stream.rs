@@ -36,11 +36,12 @@ pub type ServerTls = TlsStream<TcpStream>;
 /// What the connection task gets back when the `ClientStream` is dropped.
 pub struct Closed {
     pub stream: ServerTls,
-    /// close_notify (and FIN, unless `peer_done`) already went out: do not send them again.
+    /// close_notify (and FIN, unless `peer_fin`) already went out: do not send them again.
     pub shut_down: bool,
-    /// The client finished sending (close_notify or FIN read): nothing is left to drain, and
-    /// closing the socket sends our FIN without the risk of a reset.
-    pub peer_done: bool,
+    /// The client's FIN was read: nothing more can arrive, so there is nothing to drain, and
+    /// closing the socket sends our FIN without the risk of a reset. (A close_notify alone
+    /// is not enough: a client may still send, e.g. answer a KeyUpdate, after it.)
+    pub peer_fin: bool,
 }
 
 /// An established client connection: TLS, forced key updates, return-on-drop.
@@ -67,8 +68,8 @@ pub struct ClientStream {
     owed: bool,
     /// The task was woken once to come back for an owed flush.
     owed_woken: bool,
-    /// The client finished sending: close_notify or FIN was read.
-    peer_done: bool,
+    /// The client's FIN was read (end of stream without close_notify).
+    peer_fin: bool,
 }
 
 impl ClientStream {
@@ -97,7 +98,7 @@ impl ClientStream {
             coalesce,
             owed: false,
             owed_woken: false,
-            peer_done: false,
+            peer_fin: false,
         };
         (s, rx)
     }
@@ -219,7 +220,7 @@ impl Drop for ClientStream {
             let _ = tx.send(Box::new(Closed {
                 stream,
                 shut_down: self.shut_down,
-                peer_done: self.peer_done,
+                peer_fin: self.peer_fin,
             }));
         }
     }
@@ -243,18 +244,20 @@ impl AsyncRead for ClientStream {
             return Poll::Ready(Err(e));
         }
         let before = buf.filled().len();
-        let asked = buf.remaining() > 0;
         let r = self.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
         match &r {
-            Poll::Ready(Ok(())) if n == 0 && asked => self.peer_done = true,
-            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                self.peer_done = true
-            }
+            // rustls reports a FIN without close_notify this way; after close_notify it
+            // returns Ok(0) and reads no further, so a FIN behind it is not seen.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => self.peer_fin = true,
             // An owed flush must not wait for the client: come back once (h2 normally
             // flushes before then), and write it on the next read that would block.
             Poll::Pending if self.owed => {
-                if self.owed_woken {
+                if !self.io().get_ref().1.wants_write() {
+                    // A write that could not be held has already sent the records.
+                    self.owed = false;
+                    self.owed_woken = false;
+                } else if self.owed_woken {
                     let _ = self.flush_now(cx);
                 } else {
                     self.owed_woken = true;
@@ -309,14 +312,16 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.peer_done {
+        if self.peer_fin {
             // The client sends nothing more: close_notify now, our FIN when the socket
-            // closes (a shutdown call and the drain read would add nothing).
-            if !self.shut_down {
-                self.io().get_mut().get_mut().1.send_close_notify();
+            // closes (a shutdown call and a drain read would add nothing). rustls queues
+            // close_notify once, however often this is asked.
+            self.io().get_mut().get_mut().1.send_close_notify();
+            let r = self.flush_now(cx);
+            if r.is_ready() {
                 self.shut_down = true;
             }
-            return self.flush_now(cx);
+            return r;
         }
         let r = self.io().poll_shutdown(cx);
         if r.is_ready() {
@@ -332,15 +337,14 @@ pub async fn close_lingering(closed: Box<Closed>) {
     let Closed {
         mut stream,
         shut_down,
-        peer_done,
+        peer_fin,
     } = *closed;
     let deadline = tokio::time::Instant::now() + LINGER;
-    if peer_done {
-        // Nothing is left to drain: close_notify, then the FIN goes with the close.
-        if !shut_down {
-            stream.get_mut().1.send_close_notify();
-            let _ = tokio::time::timeout_at(deadline, stream.flush()).await;
-        }
+    if peer_fin {
+        // Nothing is left to drain: close_notify (queued once by rustls, so asking again
+        // after an interrupted shutdown is harmless), and the FIN goes with the close.
+        stream.get_mut().1.send_close_notify();
+        let _ = tokio::time::timeout_at(deadline, stream.flush()).await;
         return;
     }
     if !shut_down {
