@@ -41,6 +41,9 @@ pub struct ConnContext {
     pub key_updates: Arc<std::sync::atomic::AtomicU64>,
     /// `peer` as the forwarding headers give it, formatted once per connection.
     pub forwarded_for: ForwardedFor,
+    /// Told when the connection closes after the response being written (HTTP/1.x): the TLS
+    /// stream then sends the response and close_notify in one write.
+    pub last_response: Arc<crate::tls::stream::LastResponse>,
 }
 
 /// The client address in X-Forwarded-For and Forwarded form. Formatting an address costs more
@@ -100,6 +103,9 @@ pub async fn handle(
     c: &ConnContext,
 ) -> Response<ProxyBody> {
     let version = version_label(req.version());
+    if req.version() != Version::HTTP_2 && closes_after(&req) {
+        c.last_response.set_closing();
+    }
     // HTTP/1.1: the connection is mid-message until hyper has read this body (see
     // `h1_park`); dropped unread (a fixed response, an error), it is never parked again.
     let body_reading = (req.version() != Version::HTTP_2 && !req.body().is_end_stream())
@@ -473,6 +479,26 @@ impl Body for ClientBody {
     }
 }
 
+/// The connection closes after this request's response, as hyper decides it for HTTP/1.x:
+/// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
+fn closes_after<B>(req: &Request<B>) -> bool {
+    let mut keep_alive = false;
+    let tokens = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for t in tokens {
+        let t = t.trim();
+        if t.eq_ignore_ascii_case("close") {
+            return true;
+        }
+        keep_alive |= t.eq_ignore_ascii_case("keep-alive");
+    }
+    req.version() == Version::HTTP_10 && !keep_alive
+}
+
 /// Remove hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names first: most messages carry none of these, and each remove
@@ -680,7 +706,28 @@ mod tests {
             shutdown: tokio::sync::watch::channel(false).1,
             key_updates: Default::default(),
             forwarded_for: ForwardedFor::new(&peer.parse().unwrap()),
+            last_response: Default::default(),
         }
+    }
+
+    #[test]
+    fn closes_after_follows_the_http1_keep_alive_rules() {
+        let req = |version, connection: Option<&'static str>| {
+            let mut b = Request::builder().version(version);
+            if let Some(c) = connection {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(!closes_after(&req(Version::HTTP_11, None)));
+        assert!(closes_after(&req(Version::HTTP_11, Some("close"))));
+        assert!(closes_after(&req(Version::HTTP_11, Some("x-trace, Close"))));
+        assert!(closes_after(&req(Version::HTTP_10, None)));
+        assert!(!closes_after(&req(Version::HTTP_10, Some("Keep-Alive"))));
+        assert!(closes_after(&req(
+            Version::HTTP_10,
+            Some("keep-alive, close")
+        )));
     }
 
     #[test]

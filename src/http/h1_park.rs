@@ -8,7 +8,7 @@
 use super::activity::ActivityIo;
 use crate::body::BoxError;
 use crate::metrics::{GaugeGuard, ListenerMetrics};
-use crate::tls::stream::ClientStream;
+use crate::tls::stream::{ClientStream, LastResponse};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -35,6 +36,9 @@ pub struct H1Conn<S: HttpService<Incoming>> {
     builder: http1::Builder,
     state: State<S>,
     metrics: ListenerMetrics,
+    /// Told of every poll of hyper's connection: the stream holds the last response's
+    /// flushes within one poll only.
+    last: Arc<LastResponse>,
 }
 
 enum State<S: HttpService<Incoming>> {
@@ -56,12 +60,14 @@ where
         io: ActivityIo<ClientStream>,
         service: S,
         metrics: ListenerMetrics,
+        last: Arc<LastResponse>,
     ) -> Self {
         let state = State::Serving(serve(&builder, ParkableIo::new(io), service));
         H1Conn {
             builder,
             state,
             metrics,
+            last,
         }
     }
 
@@ -134,7 +140,10 @@ where
         let this = self.get_mut();
         loop {
             match &mut this.state {
-                State::Serving(conn) => return conn.as_mut().poll(cx).map_err(Into::into),
+                State::Serving(conn) => {
+                    this.last.next_poll();
+                    return conn.as_mut().poll(cx).map_err(Into::into);
+                }
                 State::Done => return Poll::Ready(Ok(())),
                 State::Parked(_) => {
                     let State::Parked(mut parked) = std::mem::replace(&mut this.state, State::Done)

@@ -86,8 +86,10 @@ pub fn serve_connection(
         shutdown: relays_stop_rx,
         key_updates: client.key_updates(),
         forwarded_for: forward::ForwardedFor::new(&peer),
+        last_response: client.last_response(),
     });
 
+    let last_response = cx.last_response.clone();
     let service = {
         let l = l.clone();
         service_fn(move |req| {
@@ -126,7 +128,13 @@ pub fn serve_connection(
         // keep-alive connection is idle. Ours (`Activity`) starts at the first byte of a request.
         let mut builder = http1::Builder::new();
         builder.keep_alive(true).max_buf_size(super::MAX_H1_BUFFER);
-        Conn::H1(H1Conn::new(builder, io, service, l.metrics.clone()))
+        Conn::H1(H1Conn::new(
+            builder,
+            io,
+            service,
+            l.metrics.clone(),
+            last_response,
+        ))
     };
     async move {
         let header_timeout = (!h2).then_some(l.cfg.header_timeout);

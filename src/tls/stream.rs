@@ -8,6 +8,12 @@
 //! On a new HTTP/2 connection this puts the server SETTINGS, WINDOW_UPDATE and SETTINGS ACK
 //! into one record write instead of two (one write of five per handshake-and-request).
 //!
+//! The last response (HTTP/1.x): when the HTTP layer knows the connection closes after the
+//! response being written (`LastResponse`), flushes are held back for the rest of that poll
+//! of the connection, because hyper shuts the stream down in the same poll: the response and
+//! close_notify then leave in one write. The first held flush wakes the task, so should the
+//! shutdown not follow, the next poll's flush (or read, or the lingering close) writes them.
+//!
 //! Lingering close: hyper owns the stream while serving and drops it when the connection
 //! ends. Dropping a socket with unread bytes in its receive queue (the client's KeyUpdate
 //! answers, a pipelined request) makes the kernel send RST, and the client then loses the
@@ -20,7 +26,7 @@ use crate::metrics::RekeyMetrics;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -70,6 +76,32 @@ pub struct ClientStream {
     owed_woken: bool,
     /// The client's FIN was read (end of stream without close_notify).
     peer_fin: bool,
+    /// Shared with the HTTP layer: the connection closes after the response being written.
+    last: Arc<LastResponse>,
+    /// The poll of the connection (`LastResponse::poll`) in which a flush was first held
+    /// for the last response: flushes are held in that poll only.
+    held_in: Option<u32>,
+}
+
+/// Shared by an HTTP/1.x connection's driver and its `ClientStream`: whether the response
+/// being written is the connection's last, and which poll of the connection this is.
+#[derive(Default)]
+pub struct LastResponse {
+    closing: AtomicBool,
+    poll: AtomicU32,
+}
+
+impl LastResponse {
+    /// The connection closes once the response being written is sent.
+    pub fn set_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// The driver is about to poll the connection again: flushes held in the previous poll
+    /// are written by the next flush.
+    pub fn next_poll(&self) {
+        self.poll.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl ClientStream {
@@ -99,6 +131,8 @@ impl ClientStream {
             owed: false,
             owed_woken: false,
             peer_fin: false,
+            last: Arc::default(),
+            held_in: None,
         };
         (s, rx)
     }
@@ -106,6 +140,12 @@ impl ClientStream {
     /// Forced key updates on this connection so far (shared, live).
     pub fn key_updates(&self) -> Arc<AtomicU64> {
         self.updates_seen.clone()
+    }
+
+    /// For the HTTP layer: says when the response being written is the connection's last,
+    /// whose flushes are then held for the shutdown that follows (see the module comment).
+    pub fn last_response(&self) -> Arc<LastResponse> {
+        self.last.clone()
     }
 
     fn io(&mut self) -> Pin<&mut ServerTls> {
@@ -156,8 +196,17 @@ impl ClientStream {
             self.flush_pending = false;
             self.owed = false;
             self.owed_woken = false;
+            self.held_in = None;
         }
         r
+    }
+
+    /// Writing the last response, in the poll where its flushes are held (or none was yet).
+    fn holding_last(&self) -> bool {
+        self.last.closing.load(Ordering::Relaxed)
+            && self
+                .held_in
+                .is_none_or(|p| p == self.last.poll.load(Ordering::Relaxed))
     }
 
     /// The client's next bytes are decrypted and waiting: the caller is about to read them.
@@ -169,18 +218,31 @@ impl ClientStream {
 
     /// Queue a write in rustls without writing to the socket, when flushes are held back;
     /// `None`: take the usual path (rustls' buffer is full, or nothing waits).
-    fn hold_write(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
+    fn hold_write(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
         use std::io::Write;
-        if !self.coalesce || !self.input_waiting() {
+        let last = self.holding_last();
+        if !(last || self.coalesce && self.input_waiting()) {
             return None;
         }
         let conn = self.io().get_mut().get_mut().1;
         match conn.writer().write_vectored(bufs) {
             Ok(n) if n > 0 => {
                 self.owed = true;
+                if last {
+                    self.held_for_last(cx);
+                }
                 Some(n)
             }
             _ => None,
+        }
+    }
+
+    /// Records of the last response are held in this poll: the first hold wakes the task, so
+    /// that the next poll writes them if the shutdown does not come in this one.
+    fn held_for_last(&mut self, cx: &mut Context<'_>) {
+        if self.held_in.is_none() {
+            self.held_in = Some(self.last.poll.load(Ordering::Relaxed));
+            cx.waker().wake_by_ref();
         }
     }
 
@@ -193,7 +255,7 @@ impl ClientStream {
             return Poll::Ready(Err(e));
         }
         self.flush_key_update(cx);
-        let r = match self.hold_write(bufs) {
+        let r = match self.hold_write(cx, bufs) {
             Some(n) => Poll::Ready(Ok(n)),
             None => self.io().poll_write_vectored(cx, bufs),
         };
@@ -306,6 +368,12 @@ impl AsyncWrite for ClientStream {
         if self.coalesce && self.input_waiting() {
             // Held back: the caller reads the waiting input and flushes again after it.
             self.owed = self.owed || self.io().get_ref().1.wants_write();
+            return Poll::Ready(Ok(()));
+        }
+        if self.holding_last() && self.io().get_ref().1.wants_write() {
+            // Held for the shutdown that follows in this poll (hyper's last act).
+            self.held_for_last(cx);
+            self.owed = true;
             return Poll::Ready(Ok(()));
         }
         self.flush_now(cx)
@@ -482,5 +550,93 @@ mod tests {
         });
         assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"r2");
         reader.abort();
+    }
+
+    /// Counts wake-ups, to see that a held flush asks to be polled again.
+    #[derive(Default)]
+    struct Wakes(AtomicU32);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One poll of the connection: `reply` written and flushed twice, as hyper may.
+    fn write_in_one_poll(server: &mut ClientStream, wakes: &Arc<Wakes>, reply: &[u8]) {
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut s = Pin::new(server);
+        assert!(
+            matches!(s.as_mut().poll_write(&mut cx, reply), Poll::Ready(Ok(n)) if n == reply.len())
+        );
+        assert!(s.as_mut().poll_flush(&mut cx).is_ready());
+        assert!(s.as_mut().poll_flush(&mut cx).is_ready());
+    }
+
+    fn queued(server: &mut ClientStream) -> bool {
+        server.io().get_ref().1.wants_write()
+    }
+
+    #[tokio::test]
+    async fn the_last_response_is_held_for_the_shutdown_in_the_same_poll() {
+        let (mut server, mut client) = pair(false).await;
+        let last = server.last_response();
+        last.set_closing();
+        last.next_poll();
+        let wakes = Arc::new(Wakes::default());
+        write_in_one_poll(&mut server, &wakes, b"bye");
+        assert!(
+            queued(&mut server),
+            "the response is still in rustls after the flushes"
+        );
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "woken once, in case no shutdown comes"
+        );
+        server.shutdown().await.unwrap();
+        assert!(!queued(&mut server));
+        let mut got = Vec::new();
+        tokio::time::timeout(WITHIN, client.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"bye", "the response, then close_notify");
+    }
+
+    #[tokio::test]
+    async fn a_held_last_response_is_written_by_the_next_polls_flush() {
+        let (mut server, mut client) = pair(false).await;
+        let last = server.last_response();
+        last.set_closing();
+        last.next_poll();
+        let wakes = Arc::new(Wakes::default());
+        write_in_one_poll(&mut server, &wakes, b"last");
+        assert!(queued(&mut server));
+        last.next_poll();
+        server.flush().await.unwrap();
+        assert!(!queued(&mut server), "written in the next poll");
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"last");
+        // Later writes are held in their own poll again, and written the poll after.
+        write_in_one_poll(&mut server, &wakes, b"more");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        last.next_poll();
+        server.flush().await.unwrap();
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"more");
+    }
+
+    #[tokio::test]
+    async fn without_closing_an_http1_flush_writes_at_once() {
+        let (mut server, mut client) = pair(false).await;
+        server.last_response().next_poll();
+        let wakes = Arc::new(Wakes::default());
+        write_in_one_poll(&mut server, &wakes, b"ok");
+        assert!(!queued(&mut server));
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"ok");
     }
 }

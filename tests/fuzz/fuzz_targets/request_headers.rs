@@ -298,6 +298,7 @@ fuzz_target!(|data: &[u8]| {
         shutdown,
         key_updates: Default::default(),
         forwarded_for: ForwardedFor::new(&peer),
+        last_response: Default::default(),
     };
     let authority = authority.map(|a| a.as_str().to_string());
     let before = req.headers().clone();
