@@ -321,6 +321,39 @@ async fn http10_without_host_uses_the_wildcard_route() {
     assert!(text.contains("x-forwarded-proto: https"), "{text}");
 }
 
+/// On a connection that closes after its response, the proxy holds flushes until hyper's
+/// shutdown in the same poll (response and close_notify in one write). A body that stalls
+/// after its first chunk must still deliver that chunk at once, not when the body resumes.
+#[tokio::test]
+async fn a_stalled_last_response_still_delivers_what_it_has() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (certs, proxy, _) = proxy_to_backend("", "").await;
+    for req in [
+        "GET /drip/30000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "GET /drip/30000 HTTP/1.0\r\n\r\n",
+    ] {
+        let mut tls = tls_connect(proxy.addr, "localhost", client_config(&certs.ca_der(), &[]))
+            .await
+            .unwrap();
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            while !got.windows(6).any(|w| w == b"first\n") {
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(
+            first.is_ok(),
+            "{req:?}: the first chunk did not arrive within 5 s: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
 #[tokio::test]
 async fn response_timeout_starts_after_the_request_body_is_sent() {
     let _serial = serial().await;

@@ -480,8 +480,13 @@ impl Body for ClientBody {
 }
 
 /// The connection closes after this request's response, as hyper decides it for HTTP/1.x:
-/// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
+/// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`. Never for a request
+/// that may upgrade (an `Upgrade` header, CONNECT): hyper then hands the stream over
+/// without shutting it down.
 fn closes_after<B>(req: &Request<B>) -> bool {
+    if req.method() == http::Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+        return false;
+    }
     let mut keep_alive = false;
     let tokens = req
         .headers()

@@ -85,6 +85,11 @@ where
     /// request in flight, no request body being read) and when everything hyper wrote has
     /// been flushed (`Activity::flushed`): hyper's buffers and parser state are dropped.
     pub fn park(&mut self) {
+        if self.last.is_closing() {
+            // hyper is finishing the last response (its flush may be held until the
+            // shutdown, which only hyper does): nothing to park for.
+            return;
+        }
         let State::Serving(conn) = std::mem::replace(&mut self.state, State::Done) else {
             return;
         };
@@ -141,8 +146,10 @@ where
         loop {
             match &mut this.state {
                 State::Serving(conn) => {
-                    this.last.next_poll();
-                    return conn.as_mut().poll(cx).map_err(Into::into);
+                    return this
+                        .last
+                        .poll_with(cx, |cx| conn.as_mut().poll(cx))
+                        .map_err(Into::into);
                 }
                 State::Done => return Poll::Ready(Ok(())),
                 State::Parked(_) => {

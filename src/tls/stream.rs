@@ -11,8 +11,9 @@
 //! The last response (HTTP/1.x): when the HTTP layer knows the connection closes after the
 //! response being written (`LastResponse`), flushes are held back for the rest of that poll
 //! of the connection, because hyper shuts the stream down in the same poll: the response and
-//! close_notify then leave in one write. The first held flush wakes the task, so should the
-//! shutdown not follow, the next poll's flush (or read, or the lingering close) writes them.
+//! close_notify then leave in one write. Should the poll end without the shutdown, the task
+//! is woken and the next poll's flush writes them. Only inside the HTTP/1.x driver's polls:
+//! a relay that takes the stream over after an upgrade writes as usual.
 //!
 //! Lingering close: hyper owns the stream while serving and drops it when the connection
 //! ends. Dropping a socket with unread bytes in its receive queue (the client's KeyUpdate
@@ -84,11 +85,16 @@ pub struct ClientStream {
 }
 
 /// Shared by an HTTP/1.x connection's driver and its `ClientStream`: whether the response
-/// being written is the connection's last, and which poll of the connection this is.
+/// being written is the connection's last, and the polls of the connection (`poll_with`),
+/// the only place where its flushes are held.
 #[derive(Default)]
 pub struct LastResponse {
     closing: AtomicBool,
+    /// Inside `poll_with`: outside it (a relay after an upgrade) nothing is held.
+    in_poll: AtomicBool,
     poll: AtomicU32,
+    /// A flush was held in the current poll.
+    held: AtomicBool,
 }
 
 impl LastResponse {
@@ -97,10 +103,26 @@ impl LastResponse {
         self.closing.store(true, Ordering::Relaxed);
     }
 
-    /// The driver is about to poll the connection again: flushes held in the previous poll
-    /// are written by the next flush.
-    pub fn next_poll(&self) {
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    /// One poll of the connection (`f`). Flushes held in it are written by the next poll's
+    /// flush: if the poll ends Pending with a flush held (no shutdown came), the task is
+    /// woken for that next poll.
+    pub fn poll_with<T>(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
         self.poll.fetch_add(1, Ordering::Relaxed);
+        self.in_poll.store(true, Ordering::Relaxed);
+        let r = f(cx);
+        self.in_poll.store(false, Ordering::Relaxed);
+        if self.held.swap(false, Ordering::Relaxed) && r.is_pending() {
+            cx.waker().wake_by_ref();
+        }
+        r
     }
 }
 
@@ -204,6 +226,7 @@ impl ClientStream {
     /// Writing the last response, in the poll where its flushes are held (or none was yet).
     fn holding_last(&self) -> bool {
         self.last.closing.load(Ordering::Relaxed)
+            && self.last.in_poll.load(Ordering::Relaxed)
             && self
                 .held_in
                 .is_none_or(|p| p == self.last.poll.load(Ordering::Relaxed))
@@ -218,7 +241,7 @@ impl ClientStream {
 
     /// Queue a write in rustls without writing to the socket, when flushes are held back;
     /// `None`: take the usual path (rustls' buffer is full, or nothing waits).
-    fn hold_write(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
+    fn hold_write(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
         use std::io::Write;
         let last = self.holding_last();
         if !(last || self.coalesce && self.input_waiting()) {
@@ -229,7 +252,7 @@ impl ClientStream {
             Ok(n) if n > 0 => {
                 self.owed = true;
                 if last {
-                    self.held_for_last(cx);
+                    self.held_for_last();
                 }
                 Some(n)
             }
@@ -237,12 +260,12 @@ impl ClientStream {
         }
     }
 
-    /// Records of the last response are held in this poll: the first hold wakes the task, so
-    /// that the next poll writes them if the shutdown does not come in this one.
-    fn held_for_last(&mut self, cx: &mut Context<'_>) {
+    /// Records of the last response are held in this poll; `LastResponse::poll_with` makes
+    /// sure a next poll comes to write them if this one ends without the shutdown.
+    fn held_for_last(&mut self) {
         if self.held_in.is_none() {
             self.held_in = Some(self.last.poll.load(Ordering::Relaxed));
-            cx.waker().wake_by_ref();
+            self.last.held.store(true, Ordering::Relaxed);
         }
     }
 
@@ -255,7 +278,7 @@ impl ClientStream {
             return Poll::Ready(Err(e));
         }
         self.flush_key_update(cx);
-        let r = match self.hold_write(cx, bufs) {
+        let r = match self.hold_write(bufs) {
             Some(n) => Poll::Ready(Ok(n)),
             None => self.io().poll_write_vectored(cx, bufs),
         };
@@ -372,7 +395,7 @@ impl AsyncWrite for ClientStream {
         }
         if self.holding_last() && self.io().get_ref().1.wants_write() {
             // Held for the shutdown that follows in this poll (hyper's last act).
-            self.held_for_last(cx);
+            self.held_for_last();
             self.owed = true;
             return Poll::Ready(Ok(()));
         }
@@ -565,41 +588,60 @@ mod tests {
         }
     }
 
-    /// One poll of the connection: `reply` written and flushed twice, as hyper may.
-    fn write_in_one_poll(server: &mut ClientStream, wakes: &Arc<Wakes>, reply: &[u8]) {
+    /// One poll of the connection, as `H1Conn` makes it: `reply` written and flushed twice
+    /// (as hyper may), then `and_then`; the poll ends Pending unless `and_then` is Ready.
+    fn one_poll(
+        server: &mut ClientStream,
+        wakes: &Arc<Wakes>,
+        reply: &[u8],
+        and_then: impl FnOnce(Pin<&mut ClientStream>, &mut Context<'_>) -> Poll<()>,
+    ) -> Poll<()> {
+        let last = server.last_response();
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut s = Pin::new(server);
-        assert!(
-            matches!(s.as_mut().poll_write(&mut cx, reply), Poll::Ready(Ok(n)) if n == reply.len())
-        );
-        assert!(s.as_mut().poll_flush(&mut cx).is_ready());
-        assert!(s.as_mut().poll_flush(&mut cx).is_ready());
+        last.poll_with(&mut cx, |cx| {
+            let mut s = Pin::new(server);
+            if !reply.is_empty() {
+                let n = s.as_mut().poll_write(cx, reply);
+                assert!(matches!(n, Poll::Ready(Ok(n)) if n == reply.len()));
+                assert!(s.as_mut().poll_flush(cx).is_ready());
+                assert!(s.as_mut().poll_flush(cx).is_ready());
+            }
+            and_then(s, cx)
+        })
+    }
+
+    fn pending(_: Pin<&mut ClientStream>, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
     }
 
     fn queued(server: &mut ClientStream) -> bool {
         server.io().get_ref().1.wants_write()
     }
 
+    fn wakes(w: &Wakes) -> u32 {
+        w.0.load(Ordering::Relaxed)
+    }
+
     #[tokio::test]
     async fn the_last_response_is_held_for_the_shutdown_in_the_same_poll() {
         let (mut server, mut client) = pair(false).await;
-        let last = server.last_response();
-        last.set_closing();
-        last.next_poll();
-        let wakes = Arc::new(Wakes::default());
-        write_in_one_poll(&mut server, &wakes, b"bye");
-        assert!(
-            queued(&mut server),
-            "the response is still in rustls after the flushes"
-        );
-        assert_eq!(
-            wakes.0.load(Ordering::Relaxed),
-            1,
-            "woken once, in case no shutdown comes"
-        );
-        server.shutdown().await.unwrap();
+        server.last_response().set_closing();
+        let w = Arc::new(Wakes::default());
+        let r = one_poll(&mut server, &w, b"bye", |mut s, cx| {
+            assert!(
+                queued(&mut s),
+                "the response is still in rustls after the flushes"
+            );
+            s.as_mut().poll_shutdown(cx).map(|r| r.unwrap())
+        });
+        assert!(r.is_ready());
         assert!(!queued(&mut server));
+        assert_eq!(
+            wakes(&w),
+            0,
+            "the poll ended with the shutdown: nothing to come back for"
+        );
         let mut got = Vec::new();
         tokio::time::timeout(WITHIN, client.read_to_end(&mut got))
             .await
@@ -611,32 +653,41 @@ mod tests {
     #[tokio::test]
     async fn a_held_last_response_is_written_by_the_next_polls_flush() {
         let (mut server, mut client) = pair(false).await;
-        let last = server.last_response();
-        last.set_closing();
-        last.next_poll();
-        let wakes = Arc::new(Wakes::default());
-        write_in_one_poll(&mut server, &wakes, b"last");
+        server.last_response().set_closing();
+        let w = Arc::new(Wakes::default());
+        assert!(one_poll(&mut server, &w, b"last", pending).is_pending());
         assert!(queued(&mut server));
-        last.next_poll();
-        server.flush().await.unwrap();
+        assert_eq!(wakes(&w), 1, "woken for the next poll");
+        let flush =
+            |s: Pin<&mut ClientStream>, cx: &mut Context<'_>| s.poll_flush(cx).map(|r| r.unwrap());
+        assert!(one_poll(&mut server, &w, b"", flush).is_ready());
         assert!(!queued(&mut server), "written in the next poll");
         assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"last");
-        // Later writes are held in their own poll again, and written the poll after.
-        write_in_one_poll(&mut server, &wakes, b"more");
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
-        last.next_poll();
-        server.flush().await.unwrap();
+        // Later writes are held in their own poll again, and written in the one after.
+        assert!(one_poll(&mut server, &w, b"more", pending).is_pending());
+        assert_eq!(wakes(&w), 2);
+        assert!(one_poll(&mut server, &w, b"", flush).is_ready());
         assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"more");
+    }
+
+    #[tokio::test]
+    async fn outside_the_connections_polls_nothing_is_held() {
+        // A relay that took the stream over (upgrade) writes outside `poll_with`.
+        let (mut server, mut client) = pair(false).await;
+        server.last_response().set_closing();
+        server.write_all(b"relayed").await.unwrap();
+        server.flush().await.unwrap();
+        assert!(!queued(&mut server));
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"relayed");
     }
 
     #[tokio::test]
     async fn without_closing_an_http1_flush_writes_at_once() {
         let (mut server, mut client) = pair(false).await;
-        server.last_response().next_poll();
-        let wakes = Arc::new(Wakes::default());
-        write_in_one_poll(&mut server, &wakes, b"ok");
+        let w = Arc::new(Wakes::default());
+        assert!(one_poll(&mut server, &w, b"ok", pending).is_pending());
         assert!(!queued(&mut server));
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        assert_eq!(wakes(&w), 0);
         assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"ok");
     }
 }

@@ -552,6 +552,24 @@ pub async fn backend_handler(req: Request<Incoming>) -> Result<Response<TestBody
         let mut r = Response::new(pattern_body(n));
         r.headers_mut().insert("content-length", n.into());
         r
+    } else if let Some(ms) = path.strip_prefix("/drip/") {
+        // "first", a pause of `ms`, "second": a body that stalls after its first chunk.
+        let pause = Duration::from_millis(ms.parse().unwrap_or(0));
+        let chunks = futures_util::stream::unfold(0u8, move |i| async move {
+            let chunk: &'static [u8] = match i {
+                0 => b"first\n",
+                1 => {
+                    tokio::time::sleep(pause).await;
+                    b"second\n"
+                }
+                _ => return None,
+            };
+            Some((
+                Ok::<_, BoxError>(Frame::data(Bytes::from_static(chunk))),
+                i + 1,
+            ))
+        });
+        Response::new(StreamBody::new(chunks).boxed())
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         Response::new(full("slow ok"))
