@@ -223,17 +223,9 @@ impl Server {
             config.admin.token_file.clone(),
         ));
 
-        // A timer always due within a second. tokio interrupts the runtime (an eventfd write,
-        // then an extra epoll_wait) whenever a timer is set to fire before every other one;
-        // with this tick, per-connection timers of a second or more (handshake, header, idle,
-        // linger) never do, which is up to three such interruptions per connection when
-        // connections come one at a time.
-        let mut timer_anchor = tokio::time::interval(Duration::from_secs(1));
-        timer_anchor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut clean = true;
         loop {
             tokio::select! {
-                _ = timer_anchor.tick() => {}
                 stopped = async { signals.wait_for(|n| *n >= 1).await.is_ok() } => {
                     if !stopped {
                         // The signal source is gone without a stop request: serve until killed.
