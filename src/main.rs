@@ -16,10 +16,17 @@ fn main() {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Given one CPU (taskset, a cgroup quota), a single-threaded runtime: the same work
+    // without a worker thread beside the main one and the multi-threaded scheduler's
+    // cross-thread bookkeeping (atomic task states, run-queue handoff). Interleaved A/B on
+    // a pinned proxy: 2-3% less server CPU per handshake (benches/README.md).
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

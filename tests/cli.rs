@@ -438,6 +438,26 @@ async fn serve_without_config_answers_with_the_tls_summary_and_exits_0_on_sigter
     assert!(serve.log().contains("SIGTERM"), "{}", serve.log());
 }
 
+/// Given one CPU, the proxy runs everything on its main thread (a single-threaded runtime,
+/// no worker thread) and serves HTTP/2 and HTTP/1.1 as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_one_cpu_runs_on_one_thread() {
+    if !have_curl() {
+        return;
+    }
+    let serve = Serve::start_pinned(0, &[]).await;
+    let (status, body) = curl(serve.addr, "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("alpn: h2"), "{body}");
+    let (status, body) = curl_result(curl_spawn(serve.addr, "/", &["--http1.1"])).await;
+    assert_eq!(status, 200, "{body}");
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", serve.pid()))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+        .collect();
+    assert_eq!(threads.len(), 1, "threads: {threads:?}\n{}", serve.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_upstream_forwards_to_the_backend() {
     if !have_curl() {

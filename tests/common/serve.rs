@@ -39,7 +39,21 @@ impl Serve {
     }
 
     pub async fn spawn(args: &[&str]) -> Serve {
-        let mut child = Command::new(bin())
+        Serve::spawn_command(Command::new(bin()), args).await
+    }
+
+    /// `serve` with `extra`, allowed to run on `cpu` only (`taskset`, which execs it: the
+    /// pid is the proxy's).
+    pub async fn start_pinned(cpu: usize, extra: &[&str]) -> Serve {
+        let mut taskset = Command::new("taskset");
+        taskset.arg("-c").arg(cpu.to_string()).arg(bin());
+        let mut args = vec!["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Serve::spawn_command(taskset, &args).await
+    }
+
+    async fn spawn_command(mut command: Command, args: &[&str]) -> Serve {
+        let mut child = command
             .arg("serve")
             .args(args)
             .env("EPHEMERA_LOG", "info")
