@@ -28,6 +28,8 @@
 #   DURATION=10        seconds of load per server per round per client
 #   ROUNDS=2           how many times the whole set (ephemera, nginx, haproxy) is measured
 #   LG_CONNS=8         ephemera loadgen concurrent connections (handshake mode)
+#   LG_ALPN=h2         the protocol loadgen offers and must get: h2, or http/1.1 (then each
+#                      request says Connection: close, as a one-request HTTP/1.1 client does)
 #   H2_CONNS=8         h2load connections
 #   H2_STREAMS=10      h2load concurrent streams per connection (-m)
 #   SERVER_CPU=0       CPU the servers are pinned to
@@ -56,6 +58,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 MODE=${MODE:-proxy}
 CLIENTS=${CLIENTS:-s_time loadgen h2load}
 LG_CONNS=${LG_CONNS:-8}
+LG_ALPN=${LG_ALPN:-h2}
 H2_CONNS=${H2_CONNS:-8}
 H2_STREAMS=${H2_STREAMS:-10}
 SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
@@ -80,6 +83,7 @@ for c in $CLIENTS; do
     [[ $c = s_time || $c = loadgen || $c = h2load ]] || die "CLIENTS: unknown client '$c' (s_time, loadgen, h2load)"
 done
 [[ -n ${CLIENTS// /} ]] || die "CLIENTS is empty"
+[[ $LG_ALPN = h2 || $LG_ALPN = http/1.1 ]] || die "LG_ALPN must be h2 or http/1.1, got '$LG_ALPN'"
 for v in LG_CONNS H2_CONNS H2_STREAMS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
@@ -544,7 +548,7 @@ run_client() { # client server port out
         ;;
     loadgen)
         taskset -c "$CLIENT_CPU" "$EPH" loadgen "https://localhost:$port/" --mode handshake \
-            -c "$LG_CONNS" -d "${DURATION}s" --insecure --json >"$out" 2>"$out.err" ||
+            -c "$LG_CONNS" -d "${DURATION}s" --alpn "$LG_ALPN" --insecure --json >"$out" 2>"$out.err" ||
             die "$s: ephemera loadgen failed: $(tail -n 5 "$out.err")"
         COUNT=$(json_get "$out" handshakes)
         errs=$(json_get "$out" errors.total)
@@ -553,6 +557,8 @@ run_client() { # client server port out
         ((errs == 0)) || die "$s: loadgen saw $errs errors: $(json_get "$out" errors.by_kind)"
         ((resumed == 0)) || die "$s: loadgen saw $resumed resumed handshakes"
         [[ $(json_get "$out" status.2xx) = "$COUNT" ]] || die "$s: not every loadgen response was 2xx: $(json_get "$out" status)"
+        alpn_count=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["negotiated"]["alpn"].get(sys.argv[2], 0))' "$out" "$LG_ALPN")
+        [[ $alpn_count = "$COUNT" ]] || die "$s: only $alpn_count of $COUNT loadgen connections negotiated $LG_ALPN"
         RATE=$(json_get "$out" handshakes_per_s)
         LAT=$(awk -v u="$(json_get "$out" latency_us.request.p99)" 'BEGIN {printf "%.2f", u / 1000}')
         ;;
@@ -679,6 +685,7 @@ CMD="DURATION=$DURATION ROUNDS=$ROUNDS"
 [[ -n $MAX_BUSY ]] && CMD="$CMD MAX_BUSY=$MAX_BUSY"
 [[ $CLIENTS != "s_time loadgen h2load" ]] && CMD="CLIENTS=\"$CLIENTS\" $CMD"
 [[ $LG_CONNS != 8 ]] && CMD="LG_CONNS=$LG_CONNS $CMD"
+[[ $LG_ALPN != h2 ]] && CMD="LG_ALPN=$LG_ALPN $CMD"
 [[ $H2_CONNS != 8 || $H2_STREAMS != 10 ]] && CMD="H2_CONNS=$H2_CONNS H2_STREAMS=$H2_STREAMS $CMD"
 if [[ $MODE = proxy ]]; then
     MODE_TEXT="**proxy mode**: each server proxies every request to the same plain-HTTP/1.1 backend (a separate nginx $NGINX_NUM answering \"ok\", pinned to CPU $CLIENT_CPU with the client) over pooled keep-alive connections (ephemera upstream pool; nginx \`keepalive $NGINX_KEEPALIVE\`; HAProxy \`http-reuse always\`)"
@@ -697,7 +704,12 @@ report_client() { # client
     loadgen)
         unit=handshake
         title="TLS 1.3 full handshake, \`ephemera loadgen\`: server CPU per connection"
-        load="\`ephemera loadgen https://localhost:PORT/ --mode handshake -c $LG_CONNS -d ${DURATION}s --insecure --json\`: $LG_CONNS concurrent connections, each a new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256, ALPN h2), one GET / over HTTP/2, close; rate and p99 as loadgen observed them (p99 of the whole connection: connect + handshake + request)"
+        if [[ $LG_ALPN = h2 ]]; then
+            lg_req="ALPN h2), one GET / over HTTP/2, close"
+        else
+            lg_req="ALPN http/1.1), one GET / over HTTP/1.1 with Connection: close, close"
+        fi
+        load="\`ephemera loadgen https://localhost:PORT/ --mode handshake -c $LG_CONNS -d ${DURATION}s --alpn $LG_ALPN --insecure --json\`: $LG_CONNS concurrent connections, each a new TCP connection, full handshake (X25519, TLS_AES_128_GCM_SHA256, ECDSA P-256, $lg_req; rate and p99 as loadgen observed them (p99 of the whole connection: connect + handshake + request)"
         latname="client p99 ms/conn"
         ;;
     h2load)
