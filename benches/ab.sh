@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Interleaved A/B of two or more ephemera binaries: server CPU per connection, the binaries
+# alternating round by round, so that the guest's drift over minutes hits them alike.
+#
+#   bash benches/ab.sh OLD_BINARY NEW_BINARY [MORE...]
+#   ROUNDS=10 DURATION=6 LOADS=s_time bash benches/ab.sh a b
+#   LG_ALPN=http/1.1 bash benches/ab.sh a b
+#
+# Each round starts every binary afresh (`serve`, pinned to SERVER_CPU) in front of one
+# shared backend (nginx answering "ok", pinned to CLIENT_CPU), and reads the server's
+# utime+stime (/proc/PID/stat) around each load, pinned to CLIENT_CPU:
+#   s_time   `openssl s_time -new -www /`, one connection at a time (HTTP/1.0)
+#   loadgen  `ephemera loadgen --mode handshake -c LG_CONNS --alpn LG_ALPN` (the first
+#            binary's loadgen, the same client for every binary)
+# It prints one line per measurement, then per binary and load the median µs of server CPU
+# per connection over the rounds and in how many rounds it was below the first binary's.
+# compare.sh is the published comparison against nginx and HAProxy; this is for deciding
+# whether one change to ephemera helps (differences of a few percent need many rounds here).
+#
+# Environment: ROUNDS=8 DURATION=5 LOADS="s_time loadgen" LG_CONNS=8 LG_ALPN=h2
+# SERVER_CPU=0 CLIENT_CPU=1 KEEP_TMP=0
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-8}
+DURATION=${DURATION:-5}
+LOADS=${LOADS:-s_time loadgen}
+LG_CONNS=${LG_CONNS:-8}
+LG_ALPN=${LG_ALPN:-h2}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export LC_ALL=C
+
+die() {
+    printf 'ab.sh: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+(($# >= 2)) || die "usage: bash benches/ab.sh OLD_BINARY NEW_BINARY [MORE...]"
+for b in "$@"; do
+    [[ -x $b ]] || die "not an executable file: $b"
+done
+for v in ROUNDS DURATION LG_CONNS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
+for l in $LOADS; do
+    [[ $l = s_time || $l = loadgen ]] || die "LOADS: unknown load '$l' (s_time, loadgen)"
+done
+[[ $LG_ALPN = h2 || $LG_ALPN = http/1.1 ]] || die "LG_ALPN must be h2 or http/1.1, got '$LG_ALPN'"
+for tool in openssl nginx taskset python3; do
+    command -v "$tool" >/dev/null || die "$tool is missing (Debian: openssl, nginx-light, util-linux, python3)"
+done
+
+TMP=$(mktemp -d /tmp/ephemera-ab.XXXXXX)
+SERVER_PID=
+cleanup() {
+    [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null || true
+    [[ -f $TMP/backend.pid ]] && kill "$(cat "$TMP/backend.pid")" 2>/dev/null || true
+    if [[ $KEEP_TMP = 1 ]]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+
+read -r PORT ADMIN BACKEND < <(python3 -c '
+import socket
+ss = [socket.socket() for _ in range(3)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in ss])')
+
+"$1" certs --out "$TMP/certs" >/dev/null || die "$1 certs failed"
+mkdir -p "$TMP/backend"
+cat >"$TMP/backend.conf" <<EOF
+worker_processes 1;
+pid $TMP/backend.pid;
+error_log $TMP/backend-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {
+        listen 127.0.0.1:$BACKEND;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+taskset -c "$CLIENT_CPU" nginx -p "$TMP/backend/" -c "$TMP/backend.conf" -e "$TMP/backend-error.log" ||
+    die "the backend nginx did not start: $(cat "$TMP/backend-error.log" 2>/dev/null)"
+cat >"$TMP/ephemera.yaml" <<EOF
+admin:
+  bind: 127.0.0.1:$ADMIN
+shutdown_grace: 1s
+listeners:
+  - name: ab
+    bind: 127.0.0.1:$PORT
+    tls:
+      certificates:
+        - { cert: $TMP/certs/localhost.crt, key: $TMP/certs/localhost.key }
+      groups: [x25519, secp256r1, secp384r1]
+    http:
+      access_log: false
+    routes:
+      - { host: "*", path_prefix: /, upstream: app }
+upstreams:
+  app:
+    protocol: http1
+    servers: [127.0.0.1:$BACKEND]
+EOF
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TCK=$(getconf CLK_TCK)
+
+start_server() { # binary
+    taskset -c "$SERVER_CPU" "$1" serve --config "$TMP/ephemera.yaml" 2>"$TMP/server.log" &
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        grep -q "listening (TLS 1.3)" "$TMP/server.log" && return
+        kill -0 "$SERVER_PID" 2>/dev/null || die "$1 exited at start: $(tail -n 5 "$TMP/server.log")"
+        sleep 0.05
+    done
+    die "$1 did not log its listener within 5 s: $(tail -n 5 "$TMP/server.log")"
+}
+
+stop_server() {
+    kill -INT "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+}
+
+run_load() { # load -> connections completed
+    case $1 in
+    s_time)
+        taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:$PORT" -new -time "$DURATION" -www / 2>&1 |
+            awk '/connections in/ {print $1; exit}'
+        ;;
+    loadgen)
+        taskset -c "$CLIENT_CPU" "$FIRST" loadgen "https://localhost:$PORT/" --mode handshake \
+            -c "$LG_CONNS" -d "${DURATION}s" --alpn "$LG_ALPN" --insecure --json 2>/dev/null |
+            python3 -c 'import json, sys; d = json.load(sys.stdin); print(d["handshakes"] if d["errors"]["total"] == 0 else 0)'
+        ;;
+    esac
+}
+
+FIRST=$1
+RESULTS=$TMP/results.tsv
+for r in $(seq "$ROUNDS"); do
+    for i in $(seq $#); do
+        bin=${!i}
+        start_server "$bin"
+        for load in $LOADS; do
+            before=$(cpu_ticks "$SERVER_PID")
+            n=$(run_load "$load")
+            after=$(cpu_ticks "$SERVER_PID")
+            [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || die "round $r, $bin, $load: no connection completed (or errors)"
+            us=$(awk -v t=$((after - before)) -v n="$n" -v k="$TCK" 'BEGIN {printf "%.1f", t / k / n * 1e6}')
+            printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$i" "$load" "$n" "$us" >>"$RESULTS"
+            printf 'round %d  %-8s %-30s %7d connections  %7.1f µs server CPU each\n' "$r" "$load" "$(basename "$bin")" "$n" "$us"
+        done
+        stop_server
+    done
+done
+
+echo
+echo "| binary | load | median µs server CPU per connection | rounds below the first binary |"
+echo "|---|---|---:|---:|"
+python3 - "$RESULTS" "$@" <<'PYEOF'
+import statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
+bins = sys.argv[2:]
+us = {}
+for r, i, load, n, v in rows:
+    us[(int(i), load, int(r))] = float(v)
+loads = sorted({l for _, l, _ in us}, key=lambda l: ["s_time", "loadgen"].index(l))
+rounds = sorted({r for *_, r in us})
+for load in loads:
+    for i in range(1, len(bins) + 1):
+        vals = [us[(i, load, r)] for r in rounds]
+        below = "-" if i == 1 else "%d of %d" % (
+            sum(us[(i, load, r)] < us[(1, load, r)] for r in rounds), len(rounds))
+        print("| %s | %s | %.1f | %s |" % (bins[i - 1], load, statistics.median(vals), below))
+PYEOF
