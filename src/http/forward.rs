@@ -733,6 +733,19 @@ mod tests {
             Version::HTTP_10,
             Some("keep-alive, close")
         )));
+        // hyper hands an upgraded stream over without a shutdown: nothing may be held.
+        let upgrade = Request::builder()
+            .header(header::CONNECTION, "close, Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .unwrap();
+        assert!(!closes_after(&upgrade));
+        let connect = Request::builder()
+            .method(http::Method::CONNECT)
+            .header(header::CONNECTION, "close")
+            .body(())
+            .unwrap();
+        assert!(!closes_after(&connect));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::metrics::RekeyMetrics;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -79,9 +79,9 @@ pub struct ClientStream {
     peer_fin: bool,
     /// Shared with the HTTP layer: the connection closes after the response being written.
     last: Arc<LastResponse>,
-    /// The poll of the connection (`LastResponse::poll`) in which a flush was first held
-    /// for the last response: flushes are held in that poll only.
-    held_in: Option<u32>,
+    /// Records of the last response are held in rustls since a poll of the connection;
+    /// they are held on only while that poll lasts (`LastResponse::held`).
+    held_back: bool,
 }
 
 /// Shared by an HTTP/1.x connection's driver and its `ClientStream`: whether the response
@@ -92,8 +92,7 @@ pub struct LastResponse {
     closing: AtomicBool,
     /// Inside `poll_with`: outside it (a relay after an upgrade) nothing is held.
     in_poll: AtomicBool,
-    poll: AtomicU32,
-    /// A flush was held in the current poll.
+    /// A flush was held in the current poll (cleared when the poll ends).
     held: AtomicBool,
 }
 
@@ -115,7 +114,6 @@ impl LastResponse {
         cx: &mut Context<'_>,
         f: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        self.poll.fetch_add(1, Ordering::Relaxed);
         self.in_poll.store(true, Ordering::Relaxed);
         let r = f(cx);
         self.in_poll.store(false, Ordering::Relaxed);
@@ -154,7 +152,7 @@ impl ClientStream {
             owed_woken: false,
             peer_fin: false,
             last: Arc::default(),
-            held_in: None,
+            held_back: false,
         };
         (s, rx)
     }
@@ -218,7 +216,7 @@ impl ClientStream {
             self.flush_pending = false;
             self.owed = false;
             self.owed_woken = false;
-            self.held_in = None;
+            self.held_back = false;
         }
         r
     }
@@ -227,9 +225,7 @@ impl ClientStream {
     fn holding_last(&self) -> bool {
         self.last.closing.load(Ordering::Relaxed)
             && self.last.in_poll.load(Ordering::Relaxed)
-            && self
-                .held_in
-                .is_none_or(|p| p == self.last.poll.load(Ordering::Relaxed))
+            && (!self.held_back || self.last.held.load(Ordering::Relaxed))
     }
 
     /// The client's next bytes are decrypted and waiting: the caller is about to read them.
@@ -263,8 +259,8 @@ impl ClientStream {
     /// Records of the last response are held in this poll; `LastResponse::poll_with` makes
     /// sure a next poll comes to write them if this one ends without the shutdown.
     fn held_for_last(&mut self) {
-        if self.held_in.is_none() {
-            self.held_in = Some(self.last.poll.load(Ordering::Relaxed));
+        if !self.held_back {
+            self.held_back = true;
             self.last.held.store(true, Ordering::Relaxed);
         }
     }
@@ -577,7 +573,7 @@ mod tests {
 
     /// Counts wake-ups, to see that a held flush asks to be polled again.
     #[derive(Default)]
-    struct Wakes(AtomicU32);
+    struct Wakes(std::sync::atomic::AtomicU32);
 
     impl std::task::Wake for Wakes {
         fn wake(self: Arc<Self>) {
