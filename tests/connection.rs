@@ -68,6 +68,47 @@ async fn lingering_close_delivers_the_whole_response_despite_unread_client_bytes
     }
 }
 
+#[tokio::test]
+async fn a_client_done_with_its_request_is_not_waited_for() {
+    // A client that asked for the close, sent no body and nothing after its request gets the
+    // response, close_notify and FIN, and the proxy closes its socket at once: it does not
+    // wait out LINGER (2 s) for a client that keeps its end open and silent.
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    for request in [
+        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n",
+    ] {
+        let mut tls = tls_connect(
+            proxy.addr,
+            "localhost",
+            client_config(&certs.ca_der(), &[b"http/1.1"]),
+        )
+        .await
+        .unwrap();
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        tls.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(b"HTTP/1."), "{request:?}: {got:?}");
+        let start = std::time::Instant::now();
+        let mut open = -1.0;
+        while start.elapsed() < Duration::from_millis(1200) {
+            open = metric(&proxy.metrics().await, "ephemera_connections_open", &[]);
+            if open == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            open, 0.0,
+            "{request:?}: the proxy still holds the connection of a silent client"
+        );
+        drop(tls);
+    }
+}
+
 /// Counts TLS records arriving from the server (parses the 5-byte record headers).
 struct RecordCounter<S> {
     inner: S,

@@ -105,6 +105,9 @@ pub async fn handle(
     let version = version_label(req.version());
     if req.version() != Version::HTTP_2 && closes_after(&req) {
         c.last_response.set_closing();
+        if req.body().is_end_stream() {
+            c.last_response.set_client_done();
+        }
     }
     // HTTP/1.1: the connection is mid-message until hyper has read this body (see
     // `h1_park`); dropped unread (a fixed response, an error), it is never parked again.

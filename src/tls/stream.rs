@@ -20,6 +20,11 @@
 //! answers, a pipelined request) makes the kernel send RST, and the client then loses the
 //! tail of a response still in flight. So the connection task gets the stream back, sends
 //! close_notify + FIN, and reads and discards until the client closes or `LINGER` passes.
+//! Not when the client is done (`LastResponse::set_client_done`: it asked for the close and
+//! sent its whole request, and no forced KeyUpdate awaits its answer) and nothing of it is
+//! waiting in the socket: such a client sends nothing more before it has read our
+//! close_notify, so the socket closes at once (as nginx does; RFC 9112 §9.6) instead of
+//! waiting out the client's round trip.
 
 use super::rekey::{Decision, Rekey, Trigger};
 use crate::config::KeyUpdatePolicy;
@@ -49,6 +54,9 @@ pub struct Closed {
     /// closing the socket sends our FIN without the risk of a reset. (A close_notify alone
     /// is not enough: a client may still send, e.g. answer a KeyUpdate, after it.)
     pub peer_fin: bool,
+    /// The client is done (see `LastResponse::set_client_done`) and was sent no KeyUpdate:
+    /// the close need not wait for it unless bytes of it are already waiting.
+    pub client_done: bool,
 }
 
 /// An established client connection: TLS, forced key updates, return-on-drop.
@@ -94,6 +102,8 @@ pub struct LastResponse {
     in_poll: AtomicBool,
     /// A flush was held in the current poll (cleared when the poll ends).
     held: AtomicBool,
+    /// The client asked for the close and sent its whole request.
+    client_done: AtomicBool,
 }
 
 impl LastResponse {
@@ -104,6 +114,12 @@ impl LastResponse {
 
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    /// The client asked for the close and has sent all of its request (it had no body): it
+    /// sends nothing more until it has read the response, so the close need not linger.
+    pub fn set_client_done(&self) {
+        self.client_done.store(true, Ordering::Relaxed);
     }
 
     /// One poll of the connection (`f`). Flushes held in it are written by the next poll's
@@ -302,6 +318,8 @@ impl Drop for ClientStream {
                 stream,
                 shut_down: self.shut_down,
                 peer_fin: self.peer_fin,
+                client_done: self.last.client_done.load(Ordering::Relaxed)
+                    && self.rekey.updates == 0,
             }));
         }
     }
@@ -419,12 +437,14 @@ impl AsyncWrite for ClientStream {
 }
 
 /// close_notify + FIN (unless already sent), then drain what the client still sends (its
-/// KeyUpdate answers, a pipelined request we will not serve) until it closes or `LINGER` passes.
+/// KeyUpdate answers, a pipelined request we will not serve) until it closes or `LINGER`
+/// passes; a client that is done, with nothing of it waiting, is not waited for.
 pub async fn close_lingering(closed: Box<Closed>) {
     let Closed {
         mut stream,
-        shut_down,
+        mut shut_down,
         peer_fin,
+        client_done,
     } = *closed;
     let deadline = tokio::time::Instant::now() + LINGER;
     if peer_fin {
@@ -435,15 +455,32 @@ pub async fn close_lingering(closed: Box<Closed>) {
         return;
     }
     if !shut_down {
-        let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+        shut_down = matches!(
+            tokio::time::timeout_at(deadline, stream.shutdown()).await,
+            Ok(Ok(()))
+        );
     }
     let (mut tcp, _) = stream.into_inner();
+    if client_done && shut_down && nothing_waiting(&tcp) {
+        return;
+    }
     let mut buf = [0u8; 4096];
     while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
         if n == 0 {
             break;
         }
     }
+}
+
+/// No byte of the client waits in the socket (or its FIN does, or an error). Asks the
+/// socket itself: tokio's readiness may not know yet of bytes that have just arrived. A
+/// byte read here is one the drain would have discarded.
+fn nothing_waiting(tcp: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(
+        rustix::net::recv(tcp, &mut byte[..], rustix::net::RecvFlags::DONTWAIT),
+        Ok((n, _)) if n > 0
+    )
 }
 
 #[cfg(test)]
