@@ -228,11 +228,14 @@ async fn request_loop(
             Ok(Err(f)) => {
                 // A keep-alive connection the server closed just as the request went out
                 // (the HTTP/1.1 idle-close race; an HTTP/2 stream past the final GOAWAY): as
-                // browsers do, an idempotent request goes once more on a new connection.
-                if f.is_unanswered()
-                    && !opening
-                    && (proto == Proto::H1 || !sender.is_open())
-                    && sh.template.idempotent()
+                // browsers do, an idempotent request goes once more on a new connection. A
+                // stream the GOAWAY refused goes again whatever its method: it was not
+                // processed, and the connection may still be finishing other streams.
+                if !opening
+                    && (f.refused_by_goaway()
+                        || f.is_unanswered()
+                            && (proto == Proto::H1 || !sender.is_open())
+                            && sh.template.idempotent())
                 {
                     return Some((started, deadline));
                 }

@@ -141,11 +141,11 @@ pub enum FailureSource {
     #[error("TLS handshake: {0}")]
     Tls(#[source] std::io::Error),
     /// hyper reported an HTTP error.
-    #[error("HTTP: {0}")]
+    #[error("HTTP: {}", with_causes(.0))]
     Http(#[source] hyper::Error),
     /// No response head came back: the connection closed around the request (the server
     /// may not have seen it).
-    #[error("HTTP: {0}")]
+    #[error("HTTP: no response: {}", with_causes(.0))]
     Unanswered(#[source] hyper::Error),
     /// The connection ended before a response came.
     #[error("HTTP: the server closed the connection before responding")]
@@ -156,6 +156,19 @@ pub enum FailureSource {
         phase: &'static str,
         limit: Duration,
     },
+}
+
+/// hyper's message with its causes: "http2 error" alone does not say that it was, e.g., a
+/// stream the server refused.
+fn with_causes(e: &hyper::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 impl Failure {
@@ -196,6 +209,18 @@ impl Failure {
 
     pub fn is_unanswered(&self) -> bool {
         matches!(self.source, FailureSource::Unanswered(_))
+    }
+
+    /// An HTTP/2 request the server's GOAWAY left unprocessed (its stream above the
+    /// GOAWAY's last stream id, or opened after it): safe to send again whatever the method
+    /// (RFC 9113 §6.8), while the connection may still be finishing other streams.
+    pub fn refused_by_goaway(&self) -> bool {
+        let FailureSource::Unanswered(e) = &self.source else {
+            return false;
+        };
+        std::error::Error::source(e)
+            .and_then(|c| c.downcast_ref::<h2::Error>())
+            .is_some_and(|h| h.is_go_away() && h.is_remote())
     }
 
     pub fn closed_early() -> Failure {
@@ -266,6 +291,46 @@ pub fn classify_tls(e: &rustls::Error) -> TlsFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request on an HTTP/2 connection whose server answers its preface with GOAWAY (last
+    /// stream id 0): the request was not processed, so loadgen may send it again.
+    #[tokio::test]
+    async fn a_stream_past_the_servers_goaway_is_refused_not_failed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(client),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move {
+            // Our SETTINGS, the client's SETTINGS ACK, then GOAWAY(last stream 0, NO_ERROR).
+            server
+                .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            server
+                .write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            let mut goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+            goaway.extend_from_slice(&[0; 8]);
+            let mut preface_and_request = [0u8; 64];
+            let _ = server.read(&mut preface_and_request).await;
+            server.write_all(&goaway).await.unwrap();
+            let mut rest = [0u8; 1024];
+            while server.read(&mut rest).await.is_ok_and(|n| n > 0) {}
+        });
+        let req = http::Request::get("http://localhost/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let e = sender.send_request(req).await.unwrap_err();
+        let f = Failure::unanswered(e);
+        assert!(f.refused_by_goaway(), "{f}");
+        assert!(f.to_string().contains("connection error received"), "{f}");
+    }
 
     fn io(e: rustls::Error) -> std::io::Error {
         std::io::Error::new(std::io::ErrorKind::InvalidData, e)
