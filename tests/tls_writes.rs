@@ -7,7 +7,8 @@
 //!   while input waits is held back; the unit tests in src/tls/stream.rs show the holding
 //!   itself), and a held-back flush still goes out when the input turns out incomplete.
 //! - A client that sends close_notify, or only a FIN, gets the proxy's close_notify and a
-//!   clean end (after a FIN the proxy closes without a shutdown call or a drain read).
+//!   clean end (after a FIN the proxy closes without a shutdown call or a drain read, and
+//!   so after a close_notify when it sent no KeyUpdate: the client's socket may stay open).
 
 mod common;
 #[path = "common/h2frames.rs"]
@@ -97,6 +98,27 @@ impl RawTls {
         self.tcp.shutdown().await.unwrap();
         while self.recv_tls().await {}
         self.conn.process_new_packets().unwrap().peer_has_closed()
+    }
+
+    /// Read to the end, discarding the plaintext (more than rustls buffers). Returns whether
+    /// the server sent close_notify.
+    async fn discard_to_end(&mut self) -> bool {
+        let mut sink = vec![0u8; 64 * 1024];
+        loop {
+            let n = timeout(WITHIN, self.tcp.read(&mut self.buf))
+                .await
+                .expect("server bytes in time")
+                .unwrap();
+            if n == 0 {
+                return self.conn.process_new_packets().unwrap().peer_has_closed();
+            }
+            let mut read = &self.buf[..n];
+            while !read.is_empty() {
+                self.conn.read_tls(&mut read).unwrap();
+                self.conn.process_new_packets().unwrap();
+                while matches!(self.conn.reader().read(&mut sink), Ok(n) if n > 0) {}
+            }
+        }
     }
 
     /// The plaintext that arrived with the next TCP read.
@@ -254,4 +276,66 @@ async fn a_client_close_notify_or_fin_gets_ours_and_a_clean_end() {
         3.0,
     )
     .await;
+}
+
+#[tokio::test]
+async fn after_a_client_close_notify_the_proxy_does_not_wait_for_its_fin() {
+    // With no KeyUpdate of ours to answer, a client's close_notify is the last it sends: the
+    // proxy answers with its own and closes at once, though the client keeps its socket
+    // open (no drain read waiting out LINGER, 2 s).
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, None, "", "", "")).await;
+    let first = [PREFACE, &h2frames::settings(&[]), &request()].concat();
+    let mut c = RawTls::connect(proxy.addr, &certs, &first).await;
+    assert_eq!(
+        response_status(&mut c, Vec::new()).await,
+        Some(Status::Code(200))
+    );
+    c.conn.send_close_notify();
+    c.flush_tls().await;
+    while c.recv_tls().await {}
+    assert!(c.conn.process_new_packets().unwrap().peer_has_closed());
+    wait_metric_within(
+        &proxy,
+        "ephemera_connections_open",
+        &[],
+        0.0,
+        Duration::from_millis(1200),
+    )
+    .await;
+    drop(c);
+}
+
+#[tokio::test]
+async fn after_our_key_update_a_client_close_notify_is_not_its_last_word() {
+    // A client may answer a KeyUpdate after its close_notify (Go does after `CloseWrite`):
+    // then the proxy answers the close_notify but lingers for the client's FIN.
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        Some(&[backend]),
+        "      key_update: { max_bytes: 64KiB }\n",
+        "",
+        "",
+    ))
+    .await;
+    // Within the client's initial window, and past 64 KiB with the frames around it.
+    let get = h2frames::headers(1, &hpack::request("GET", "/bytes/65500"), true, true);
+    let first = [PREFACE, &h2frames::settings(&[]), &get].concat();
+    let mut c = RawTls::connect(proxy.addr, &certs, &first).await;
+    wait_metric(&proxy, "ephemera_tls_key_updates_total", &[], 1.0).await;
+    c.conn.send_close_notify();
+    c.flush_tls().await;
+    assert!(c.discard_to_end().await, "the proxy's close_notify");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&proxy.metrics().await, "ephemera_connections_open", &[]),
+        1.0,
+        "the proxy must wait for the FIN of a client that may answer its KeyUpdate"
+    );
+    drop(c);
+    wait_metric(&proxy, "ephemera_connections_open", &[], 0.0).await;
 }

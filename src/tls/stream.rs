@@ -50,9 +50,10 @@ pub struct Closed {
     pub stream: ServerTls,
     /// close_notify (and FIN, unless `peer_fin`) already went out: do not send them again.
     pub shut_down: bool,
-    /// The client's FIN was read: nothing more can arrive, so there is nothing to drain, and
-    /// closing the socket sends our FIN without the risk of a reset. (A close_notify alone
-    /// is not enough: a client may still send, e.g. answer a KeyUpdate, after it.)
+    /// The client's FIN was read, or its close_notify with no KeyUpdate of ours to answer:
+    /// nothing more can arrive, so there is nothing to drain, and closing the socket sends
+    /// our FIN without the risk of a reset. (A close_notify after our KeyUpdates is not
+    /// enough: a client may still answer one after it.)
     pub peer_fin: bool,
     /// The client is done (see `LastResponse::set_client_done`) and was sent no KeyUpdate:
     /// the close need not wait for it unless bytes of it are already waiting.
@@ -85,6 +86,8 @@ pub struct ClientStream {
     owed_woken: bool,
     /// The client's FIN was read (end of stream without close_notify).
     peer_fin: bool,
+    /// The client's close_notify was read.
+    peer_closed: bool,
     /// Shared with the HTTP layer: the connection closes after the response being written.
     last: Arc<LastResponse>,
     /// Records of the last response are held in rustls since a poll of the connection;
@@ -167,6 +170,7 @@ impl ClientStream {
             owed: false,
             owed_woken: false,
             peer_fin: false,
+            peer_closed: false,
             last: Arc::default(),
             held_back: false,
         };
@@ -317,7 +321,7 @@ impl Drop for ClientStream {
             let _ = tx.send(Box::new(Closed {
                 stream,
                 shut_down: self.shut_down,
-                peer_fin: self.peer_fin,
+                peer_fin: self.peer_done(),
                 client_done: self.last.client_done.load(Ordering::Relaxed)
                     && self.rekey.updates == 0,
             }));
@@ -326,6 +330,13 @@ impl Drop for ClientStream {
 }
 
 impl ClientStream {
+    /// Nothing more comes from the client: its FIN was read, or its close_notify when it has
+    /// no KeyUpdate of ours to answer (after close_notify a TLS 1.3 peer sends nothing, but
+    /// some answer a KeyUpdate still: Go after `CloseWrite`).
+    fn peer_done(&self) -> bool {
+        self.peer_fin || self.peer_closed && self.rekey.updates == 0
+    }
+
     fn failure(&self) -> Option<io::Error> {
         self.failed
             .as_ref()
@@ -345,6 +356,9 @@ impl AsyncRead for ClientStream {
         let before = buf.filled().len();
         let r = self.io().poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        if n == 0 && buf.remaining() > 0 && matches!(r, Poll::Ready(Ok(()))) {
+            self.peer_closed = true;
+        }
         match &r {
             // rustls reports a FIN without close_notify this way; after close_notify it
             // returns Ok(0) and reads no further, so a FIN behind it is not seen.
@@ -417,7 +431,7 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.peer_fin {
+        if self.peer_done() {
             // The client sends nothing more: close_notify now, our FIN when the socket
             // closes (a shutdown call and a drain read would add nothing). rustls queues
             // close_notify once, however often this is asked.

@@ -263,11 +263,20 @@ pub async fn admin_request(
     (status, body)
 }
 
-/// The value of one exposition line whose name+labels start with `prefix` and contain every
-/// `labels` fragment; 0 when absent.
 /// Poll `/metrics` until `name{labels}` reads `want` (at most 5 s); returns the exposition.
 pub async fn wait_metric(proxy: &Proxy, name: &str, labels: &[&str], want: f64) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    wait_metric_within(proxy, name, labels, want, Duration::from_secs(5)).await
+}
+
+/// `wait_metric` with its own limit, for a test that must tell "soon" from "after a timer".
+pub async fn wait_metric_within(
+    proxy: &Proxy,
+    name: &str,
+    labels: &[&str],
+    want: f64,
+    within: Duration,
+) -> String {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let text = proxy.metrics().await;
         let got = metric(&text, name, labels);
@@ -281,6 +290,8 @@ pub async fn wait_metric(proxy: &Proxy, name: &str, labels: &[&str], want: f64) 
     }
 }
 
+/// The sum of the exposition lines named `name` that contain every `labels` fragment; 0
+/// when absent.
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
