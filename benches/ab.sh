@@ -6,14 +6,17 @@
 #   ROUNDS=10 DURATION=6 LOADS=s_time bash benches/ab.sh a b
 #   LG_ALPN=http/1.1 bash benches/ab.sh a b
 #
-# Each round starts every binary afresh (`serve`, pinned to SERVER_CPU) in front of one
-# shared backend (nginx answering "ok", pinned to CLIENT_CPU), and reads the server's
+# Each round starts every binary afresh (`serve`, pinned to SERVER_CPU; every other round
+# in reverse order) in front of one shared backend (nginx answering "ok", pinned to
+# CLIENT_CPU), and reads the server's
 # utime+stime (/proc/PID/stat) around each load, pinned to CLIENT_CPU:
 #   s_time   `openssl s_time -new -www /`, one connection at a time (HTTP/1.0)
 #   loadgen  `ephemera loadgen --mode handshake -c LG_CONNS --alpn LG_ALPN` (the first
 #            binary's loadgen, the same client for every binary)
-# It prints one line per measurement, then per binary and load the median µs of server CPU
-# per connection over the rounds and in how many rounds it was below the first binary's.
+# It prints one line per measurement, then per binary and load the median and lowest µs of
+# server CPU per connection over the rounds, in how many rounds it was below the first
+# binary's, and how often the server went to sleep per connection (voluntary context
+# switches: a count that the host's load does not inflate, unlike CPU time on this guest).
 # compare.sh is the published comparison against nginx and HAProxy; this is for deciding
 # whether one change to ephemera helps (differences of a few percent need many rounds here).
 #
@@ -108,6 +111,9 @@ upstreams:
 EOF
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Times the server went to sleep (all its threads): unlike CPU time, not inflated when the
+# host is busy.
+sleeps() { cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s}'; }
 TCK=$(getconf CLK_TCK)
 
 start_server() { # binary
@@ -144,32 +150,42 @@ run_load() { # load -> connections completed
 FIRST=$1
 RESULTS=$TMP/results.tsv
 for r in $(seq "$ROUNDS"); do
-    for i in $(seq $#); do
+    # Every other round in reverse order: in a fixed order the same binary lost 5 of 6
+    # loadgen rounds going second and won going first (probably the thousands of client
+    # sockets a run leaves in TIME_WAIT make the next run's connects dearer).
+    order=$(seq $#)
+    ((r % 2 == 0)) && order=$(seq $# -1 1)
+    for i in $order; do
         bin=${!i}
         start_server "$bin"
         for load in $LOADS; do
             before=$(cpu_ticks "$SERVER_PID")
+            slept=$(sleeps "$SERVER_PID")
             n=$(run_load "$load")
             after=$(cpu_ticks "$SERVER_PID")
+            slept=$(($(sleeps "$SERVER_PID") - slept))
             [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || die "round $r, $bin, $load: no connection completed (or errors)"
             us=$(awk -v t=$((after - before)) -v n="$n" -v k="$TCK" 'BEGIN {printf "%.1f", t / k / n * 1e6}')
-            printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$i" "$load" "$n" "$us" >>"$RESULTS"
-            printf 'round %d  %-8s %-30s %7d connections  %7.1f µs server CPU each\n' "$r" "$load" "$(basename "$bin")" "$n" "$us"
+            per=$(awk -v s="$slept" -v n="$n" 'BEGIN {printf "%.2f", s / n}')
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$i" "$load" "$n" "$us" "$per" >>"$RESULTS"
+            printf 'round %d  %-8s %-30s %7d connections  %7.1f µs server CPU each  %5.2f sleeps each\n' "$r" "$load" "$(basename "$bin")" "$n" "$us" "$per"
         done
         stop_server
     done
 done
 
 echo
-echo "| binary | load | median µs server CPU per connection | rounds below the first binary |"
-echo "|---|---|---:|---:|"
+echo "| binary | load | median µs server CPU per connection | lowest | rounds below the first binary | sleeps per connection (median) |"
+echo "|---|---|---:|---:|---:|---:|"
 python3 - "$RESULTS" "$@" <<'PYEOF'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
 bins = sys.argv[2:]
 us = {}
-for r, i, load, n, v in rows:
+sleeps = {}
+for r, i, load, n, v, s in rows:
     us[(int(i), load, int(r))] = float(v)
+    sleeps[(int(i), load, int(r))] = float(s)
 loads = sorted({l for _, l, _ in us}, key=lambda l: ["s_time", "loadgen"].index(l))
 rounds = sorted({r for *_, r in us})
 for load in loads:
@@ -177,5 +193,7 @@ for load in loads:
         vals = [us[(i, load, r)] for r in rounds]
         below = "-" if i == 1 else "%d of %d" % (
             sum(us[(i, load, r)] < us[(1, load, r)] for r in rounds), len(rounds))
-        print("| %s | %s | %.1f | %s |" % (bins[i - 1], load, statistics.median(vals), below))
+        slept = statistics.median(sleeps[(i, load, r)] for r in rounds)
+        print("| %s | %s | %.1f | %.1f | %s | %.2f |" % (
+            bins[i - 1], load, statistics.median(vals), min(vals), below, slept))
 PYEOF
