@@ -22,9 +22,10 @@
 //! close_notify + FIN, and reads and discards until the client closes or `LINGER` passes.
 //! Not when the client is done (`LastResponse::set_client_done`: it asked for the close and
 //! sent its whole request, and no forced KeyUpdate awaits its answer) and nothing of it is
-//! waiting in the socket: such a client sends nothing more before it has read our
-//! close_notify, so the socket closes at once (as nginx does; RFC 9112 §9.6) instead of
-//! waiting out the client's round trip.
+//! waiting in the socket: such a client may send no further request (RFC 9112 §9.6) and
+//! nothing else before it has read our close_notify, so the socket closes at once, much like
+//! nginx's `lingering_close on`, instead of waiting out the client's round trip. The check
+//! is one moment's: late bytes of a client that breaks the rule draw a RST (as with nginx).
 
 use super::rekey::{Decision, Rekey, Trigger};
 use crate::config::KeyUpdatePolicy;
@@ -48,13 +49,13 @@ pub type ServerTls = TlsStream<TcpStream>;
 /// What the connection task gets back when the `ClientStream` is dropped.
 pub struct Closed {
     pub stream: ServerTls,
-    /// close_notify (and FIN, unless `peer_fin`) already went out: do not send them again.
+    /// close_notify (and FIN, unless `peer_done`) already went out: do not send them again.
     pub shut_down: bool,
     /// The client's FIN was read, or its close_notify with no KeyUpdate of ours to answer:
     /// nothing more can arrive, so there is nothing to drain, and closing the socket sends
     /// our FIN without the risk of a reset. (A close_notify after our KeyUpdates is not
     /// enough: a client may still answer one after it.)
-    pub peer_fin: bool,
+    pub peer_done: bool,
     /// The client is done (see `LastResponse::set_client_done`) and was sent no KeyUpdate:
     /// the close need not wait for it unless bytes of it are already waiting.
     pub client_done: bool,
@@ -86,7 +87,8 @@ pub struct ClientStream {
     owed_woken: bool,
     /// The client's FIN was read (end of stream without close_notify).
     peer_fin: bool,
-    /// The client's close_notify was read.
+    /// The client's close_notify was read (or a read after tokio-rustls saw the connection
+    /// aborted: it is dead then anyway).
     peer_closed: bool,
     /// Shared with the HTTP layer: the connection closes after the response being written.
     last: Arc<LastResponse>,
@@ -321,7 +323,7 @@ impl Drop for ClientStream {
             let _ = tx.send(Box::new(Closed {
                 stream,
                 shut_down: self.shut_down,
-                peer_fin: self.peer_done(),
+                peer_done: self.peer_done(),
                 client_done: self.last.client_done.load(Ordering::Relaxed)
                     && self.rekey.updates == 0,
             }));
@@ -457,11 +459,11 @@ pub async fn close_lingering(closed: Box<Closed>) {
     let Closed {
         mut stream,
         mut shut_down,
-        peer_fin,
+        peer_done,
         client_done,
     } = *closed;
     let deadline = tokio::time::Instant::now() + LINGER;
-    if peer_fin {
+    if peer_done {
         // Nothing is left to drain: close_notify (queued once by rustls, so asking again
         // after an interrupted shutdown is harmless), and the FIN goes with the close.
         stream.get_mut().1.send_close_notify();
