@@ -5,6 +5,12 @@ use ephemera::cli::{self, LogFormat};
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc for Rust allocations: 10% less server CPU per handshake than glibc's malloc and
+/// less memory per idle HTTP/2 connection (README "Why jemalloc"). aws-lc keeps the system
+/// malloc (jemalloc's symbols are prefixed).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let args = cli::parse();
     let filter = EnvFilter::try_from_env("EPHEMERA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
