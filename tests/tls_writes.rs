@@ -71,54 +71,51 @@ impl RawTls {
 
     /// One TCP read, decrypted. Returns false at EOF.
     async fn recv_tls(&mut self) -> bool {
+        self.read_once(false).await
+    }
+
+    /// One TCP read, decrypted; `discard`: drop the plaintext as it comes (more of it than
+    /// rustls buffers may arrive).
+    async fn read_once(&mut self, discard: bool) -> bool {
         let n = timeout(WITHIN, self.tcp.read(&mut self.buf))
             .await
             .expect("server bytes in time")
             .unwrap();
         let mut read = &self.buf[..n];
+        let mut sink = [0u8; 4096];
         while !read.is_empty() {
             self.conn.read_tls(&mut read).unwrap();
             self.conn.process_new_packets().unwrap();
+            while discard && matches!(self.conn.reader().read(&mut sink), Ok(n) if n > 0) {}
         }
         n > 0
     }
 
-    /// Send close_notify and read to the end: true if the server answered with its own
-    /// close_notify (a reset fails the read).
-    async fn close(mut self) -> bool {
+    /// Read to the end, discarding the plaintext: true if the server sent close_notify (a
+    /// reset fails the read).
+    async fn read_to_end(&mut self) -> bool {
+        while self.read_once(true).await {}
+        self.conn.process_new_packets().unwrap().peer_has_closed()
+    }
+
+    /// Send close_notify and read to the end, keeping the socket open: true if the server
+    /// answered with its own close_notify.
+    async fn close_notify_to_end(&mut self) -> bool {
         self.conn.send_close_notify();
         self.flush_tls().await;
-        while self.recv_tls().await {}
-        self.conn.process_new_packets().unwrap().peer_has_closed()
+        self.read_to_end().await
+    }
+
+    /// `close_notify_to_end`, then the socket closes.
+    async fn close(mut self) -> bool {
+        self.close_notify_to_end().await
     }
 
     /// Send a FIN without close_notify and read to the end: true if the server answered
     /// with close_notify (a reset fails the read).
     async fn fin(mut self) -> bool {
         self.tcp.shutdown().await.unwrap();
-        while self.recv_tls().await {}
-        self.conn.process_new_packets().unwrap().peer_has_closed()
-    }
-
-    /// Read to the end, discarding the plaintext (more than rustls buffers). Returns whether
-    /// the server sent close_notify.
-    async fn discard_to_end(&mut self) -> bool {
-        let mut sink = vec![0u8; 64 * 1024];
-        loop {
-            let n = timeout(WITHIN, self.tcp.read(&mut self.buf))
-                .await
-                .expect("server bytes in time")
-                .unwrap();
-            if n == 0 {
-                return self.conn.process_new_packets().unwrap().peer_has_closed();
-            }
-            let mut read = &self.buf[..n];
-            while !read.is_empty() {
-                self.conn.read_tls(&mut read).unwrap();
-                self.conn.process_new_packets().unwrap();
-                while matches!(self.conn.reader().read(&mut sink), Ok(n) if n > 0) {}
-            }
-        }
+        self.read_to_end().await
     }
 
     /// The plaintext that arrived with the next TCP read.
@@ -292,18 +289,8 @@ async fn after_a_client_close_notify_the_proxy_does_not_wait_for_its_fin() {
         response_status(&mut c, Vec::new()).await,
         Some(Status::Code(200))
     );
-    c.conn.send_close_notify();
-    c.flush_tls().await;
-    while c.recv_tls().await {}
-    assert!(c.conn.process_new_packets().unwrap().peer_has_closed());
-    wait_metric_within(
-        &proxy,
-        "ephemera_connections_open",
-        &[],
-        0.0,
-        Duration::from_millis(1200),
-    )
-    .await;
+    assert!(c.close_notify_to_end().await, "the proxy's close_notify");
+    wait_closed_before_linger(&proxy).await;
     drop(c);
 }
 
@@ -327,9 +314,7 @@ async fn after_our_key_update_a_client_close_notify_is_not_its_last_word() {
     let first = [PREFACE, &h2frames::settings(&[]), &get].concat();
     let mut c = RawTls::connect(proxy.addr, &certs, &first).await;
     wait_metric(&proxy, "ephemera_tls_key_updates_total", &[], 1.0).await;
-    c.conn.send_close_notify();
-    c.flush_tls().await;
-    assert!(c.discard_to_end().await, "the proxy's close_notify");
+    assert!(c.close_notify_to_end().await, "the proxy's close_notify");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         metric(&proxy.metrics().await, "ephemera_connections_open", &[]),

@@ -290,6 +290,19 @@ pub async fn wait_metric_within(
     }
 }
 
+/// The proxy holds no client connection within 60% of the lingering close's limit: it did
+/// not wait for a client that keeps its socket open.
+pub async fn wait_closed_before_linger(proxy: &Proxy) {
+    wait_metric_within(
+        proxy,
+        "ephemera_connections_open",
+        &[],
+        0.0,
+        ephemera::tls::stream::LINGER * 3 / 5,
+    )
+    .await;
+}
+
 /// The sum of the exposition lines named `name` that contain every `labels` fragment; 0
 /// when absent.
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
