@@ -13,15 +13,17 @@
 #   s_time   `openssl s_time -new -www /`, one connection at a time (HTTP/1.0)
 #   loadgen  `ephemera loadgen --mode handshake -c LG_CONNS --alpn LG_ALPN` (the first
 #            binary's loadgen, the same client for every binary)
+#   h2load   `h2load -c H2_CONNS -m H2_STREAMS`: keep-alive HTTP/2 requests (not in the
+#            default LOADS); its figures are per request, not per connection
 # It prints one line per measurement, then per binary and load the median and lowest µs of
-# server CPU per connection over the rounds, in how many rounds it was below the first
+# server CPU per connection (per request for h2load) over the rounds, in how many rounds it was below the first
 # binary's, and how often the server went to sleep per connection (voluntary context
 # switches: a count that the host's load does not inflate, unlike CPU time on this guest).
 # compare.sh is the published comparison against nginx and HAProxy; this is for deciding
 # whether one change to ephemera helps (differences of a few percent need many rounds here).
 #
 # Environment: ROUNDS=8 DURATION=5 LOADS="s_time loadgen" LG_CONNS=8 LG_ALPN=h2
-# SERVER_CPU=0 CLIENT_CPU=1 KEEP_TMP=0
+# H2_CONNS=8 H2_STREAMS=10 SERVER_CPU=0 CLIENT_CPU=1 KEEP_TMP=0
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-8}
@@ -29,6 +31,8 @@ DURATION=${DURATION:-5}
 LOADS=${LOADS:-s_time loadgen}
 LG_CONNS=${LG_CONNS:-8}
 LG_ALPN=${LG_ALPN:-h2}
+H2_CONNS=${H2_CONNS:-8}
+H2_STREAMS=${H2_STREAMS:-10}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -44,12 +48,13 @@ die() {
 for b in "$@"; do
     [[ -x $b ]] || die "not an executable file: $b"
 done
-for v in ROUNDS DURATION LG_CONNS; do
+for v in ROUNDS DURATION LG_CONNS H2_CONNS H2_STREAMS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
 for l in $LOADS; do
-    [[ $l = s_time || $l = loadgen ]] || die "LOADS: unknown load '$l' (s_time, loadgen)"
+    [[ $l = s_time || $l = loadgen || $l = h2load ]] || die "LOADS: unknown load '$l' (s_time, loadgen, h2load)"
 done
+[[ " $LOADS " != *" h2load "* ]] || command -v h2load >/dev/null || die "h2load is missing (Debian: nghttp2-client)"
 [[ $LG_ALPN = h2 || $LG_ALPN = http/1.1 ]] || die "LG_ALPN must be h2 or http/1.1, got '$LG_ALPN'"
 for tool in openssl nginx taskset python3; do
     command -v "$tool" >/dev/null || die "$tool is missing (Debian: openssl, nginx-light, util-linux, python3)"
@@ -144,6 +149,11 @@ run_load() { # load -> connections completed
             -c "$LG_CONNS" -d "${DURATION}s" --alpn "$LG_ALPN" --insecure --json 2>/dev/null |
             python3 -c 'import json, sys; d = json.load(sys.stdin); print(d["handshakes"] if d["errors"]["total"] == 0 else 0)'
         ;;
+    h2load)
+        # "requests: N total, N started, N done, N succeeded, 0 failed, ..."
+        taskset -c "$CLIENT_CPU" h2load -c "$H2_CONNS" -m "$H2_STREAMS" -D "$DURATION" "https://127.0.0.1:$PORT/" 2>&1 |
+            awk '/^requests:/ {print ($10 == 0 && $12 == 0) ? $8 : 0; exit}'
+        ;;
     esac
 }
 
@@ -168,14 +178,16 @@ for r in $(seq "$ROUNDS"); do
             us=$(awk -v t=$((after - before)) -v n="$n" -v k="$TCK" 'BEGIN {printf "%.1f", t / k / n * 1e6}')
             per=$(awk -v s="$slept" -v n="$n" 'BEGIN {printf "%.2f", s / n}')
             printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$i" "$load" "$n" "$us" "$per" >>"$RESULTS"
-            printf 'round %d  %-8s %-30s %7d connections  %7.1f µs server CPU each  %5.2f sleeps each\n' "$r" "$load" "$(basename "$bin")" "$n" "$us" "$per"
+            unit=connections
+            [[ $load = h2load ]] && unit=requests
+            printf 'round %d  %-8s %-30s %7d %-11s  %7.1f µs server CPU each  %5.2f sleeps each\n' "$r" "$load" "$(basename "$bin")" "$n" "$unit" "$us" "$per"
         done
         stop_server
     done
 done
 
 echo
-echo "| binary | load | median µs server CPU per connection | lowest | rounds below the first binary | sleeps per connection (median) |"
+echo "| binary | load | median µs server CPU per connection (h2load: per request) | lowest | rounds below the first binary | sleeps per connection (median) |"
 echo "|---|---|---:|---:|---:|---:|"
 python3 - "$RESULTS" "$@" <<'PYEOF'
 import statistics, sys
@@ -186,7 +198,7 @@ sleeps = {}
 for r, i, load, n, v, s in rows:
     us[(int(i), load, int(r))] = float(v)
     sleeps[(int(i), load, int(r))] = float(s)
-loads = sorted({l for _, l, _ in us}, key=lambda l: ["s_time", "loadgen"].index(l))
+loads = sorted({l for _, l, _ in us}, key=lambda l: ["s_time", "loadgen", "h2load"].index(l))
 rounds = sorted({r for *_, r in us})
 for load in loads:
     for i in range(1, len(bins) + 1):

@@ -51,6 +51,8 @@ pub struct ConnContext {
 pub struct ForwardedFor {
     /// `192.0.2.1` or `2001:db8::1`.
     ip: String,
+    /// The same as a header value, cloned (a reference count) into every request.
+    ip_value: HeaderValue,
     /// The start of a Forwarded element: `for=192.0.2.1;proto=https` (IPv6 quoted).
     element: String,
 }
@@ -62,8 +64,11 @@ impl ForwardedFor {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
+        let ip = ip.to_string();
         ForwardedFor {
-            ip: ip.to_string(),
+            // Digits, dots, colons and hex letters only: always a valid header value.
+            ip_value: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            ip,
             element: format!("for={node};proto=https"),
         }
     }
@@ -563,7 +568,9 @@ pub fn rewrite_request_headers(
     let ip = &c.forwarded_for.ip;
     match (c.trusted_peer, joined(h, &X_FORWARDED_FOR, ", ")) {
         (true, Some(prev)) => set(h, X_FORWARDED_FOR, &format!("{prev}, {ip}")),
-        _ => set(h, X_FORWARDED_FOR, ip),
+        _ => {
+            h.insert(X_FORWARDED_FOR, c.forwarded_for.ip_value.clone());
+        }
     }
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     // Only the identity we verified reaches the backend; a client cannot forge one.
@@ -587,12 +594,14 @@ pub fn rewrite_request_headers(
     };
     set(h, header::FORWARDED, &forwarded);
 
-    if let Some(a) = authority {
+    if let Some(a) = authority
+        && let Ok(v) = HeaderValue::from_str(a)
+    {
         if !c.trusted_peer || !h.contains_key(&X_FORWARDED_HOST) {
-            set(h, X_FORWARDED_HOST, a);
+            h.insert(X_FORWARDED_HOST, v.clone());
         }
         // The one target the request was routed by (HTTP/2 carries it in :authority).
-        set(h, header::HOST, a);
+        h.insert(header::HOST, v);
     }
     // HTTP/2 may split cookies into several fields; HTTP/1.1 needs one (RFC 9113 §8.2.3).
     // Joined as bytes: cookie values may carry non-ASCII octets that `to_str` would drop.

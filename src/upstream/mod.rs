@@ -524,29 +524,7 @@ impl Upstream {
         server: &Server,
     ) -> Result<Response<Incoming>, Exchange> {
         let timeout = self.response_timeout;
-        let deadline = async {
-            let mut sent = body.sent.clone();
-            loop {
-                if *sent.borrow_and_update() {
-                    tokio::time::sleep(timeout).await;
-                    return false;
-                }
-                let due = body.last_pulled() + timeout;
-                if tokio::time::Instant::now() >= due {
-                    return true;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(due) => {}
-                    changed = sent.changed() => {
-                        if changed.is_err() {
-                            // The body is gone (failed or dropped): the response timer runs.
-                            tokio::time::sleep(timeout).await;
-                            return false;
-                        }
-                    }
-                }
-            }
-        };
+        let deadline = body.deadline(timeout);
         let sent = tokio::select! {
             r = send => r,
             body_stuck = deadline => {
@@ -639,7 +617,7 @@ enum Exchange {
 fn watch_body(req: Request<ProxyBody>) -> (Request<ProxyBody>, BodyWatch) {
     let (parts, body) = req.into_parts();
     let (body, watch) = sent::watched(body);
-    (Request::from_parts(parts, body.boxed()), watch)
+    (Request::from_parts(parts, body), watch)
 }
 
 fn rebuild(

@@ -6,6 +6,7 @@
 
 use crate::body::{BoxError, ProxyBody};
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,13 @@ use tokio::time::Instant;
 
 /// What the sender of one request learns from its body.
 pub struct BodyWatch {
-    pub sent: watch::Receiver<bool>,
+    /// `None` for a request without a body: it is sent in full with its head, so there is
+    /// nothing to watch (and no channel, clock read or shared state to pay for on every GET).
+    live: Option<Live>,
+}
+
+struct Live {
+    sent: watch::Receiver<bool>,
     epoch: Instant,
     /// Milliseconds since `epoch` of hyper's last pull.
     pulled_ms: Arc<AtomicU64>,
@@ -24,14 +31,45 @@ pub struct BodyWatch {
 }
 
 impl BodyWatch {
-    /// When hyper last asked the body for data (or when the request was created).
-    pub fn last_pulled(&self) -> Instant {
-        self.epoch + std::time::Duration::from_millis(self.pulled_ms.load(Ordering::Acquire))
+    /// Resolves when the wait for a response should end: `false` once `timeout` has passed
+    /// since the body was sent in full (the response timeout), `true` when hyper has not
+    /// pulled from the unfinished body for `timeout` (the backend stopped taking it, or an
+    /// HTTP/2 stream never got a slot).
+    pub async fn deadline(&self, timeout: std::time::Duration) -> bool {
+        let Some(live) = &self.live else {
+            tokio::time::sleep(timeout).await;
+            return false;
+        };
+        let mut sent = live.sent.clone();
+        loop {
+            if *sent.borrow_and_update() {
+                tokio::time::sleep(timeout).await;
+                return false;
+            }
+            let pulled = live.epoch
+                + std::time::Duration::from_millis(live.pulled_ms.load(Ordering::Acquire));
+            let due = pulled + timeout;
+            if Instant::now() >= due {
+                return true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                changed = sent.changed() => {
+                    if changed.is_err() {
+                        // The body is gone (failed or dropped): the response timer runs.
+                        tokio::time::sleep(timeout).await;
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     /// The client-side error that ended the body, if it failed.
     pub fn take_failure(&self) -> Option<BoxError> {
-        self.failure
+        self.live
+            .as_ref()?
+            .failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
@@ -49,31 +87,30 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Wrap `inner`; the returned watch belongs to whoever sends the request.
-pub fn watched(inner: ProxyBody) -> (SentSignal, BodyWatch) {
-    let (tx, rx) = watch::channel(false);
-    let mut sent = Some(tx);
+/// Wrap `inner`; the returned watch belongs to whoever sends the request. A body that is
+/// already at its end is returned as it is.
+pub fn watched(inner: ProxyBody) -> (ProxyBody, BodyWatch) {
     if inner.is_end_stream() {
-        fire(&mut sent);
+        return (inner, BodyWatch { live: None });
     }
+    let (tx, rx) = watch::channel(false);
     let epoch = Instant::now();
     let pulled_ms = Arc::new(AtomicU64::new(0));
     let failure = Arc::new(Mutex::new(None));
-    (
-        SentSignal {
-            inner,
-            sent,
-            epoch,
-            pulled_ms: pulled_ms.clone(),
-            failure: failure.clone(),
-        },
-        BodyWatch {
-            sent: rx,
-            epoch,
-            pulled_ms,
-            failure,
-        },
-    )
+    let body = SentSignal {
+        inner,
+        sent: Some(tx),
+        epoch,
+        pulled_ms: pulled_ms.clone(),
+        failure: failure.clone(),
+    };
+    let live = Live {
+        sent: rx,
+        epoch,
+        pulled_ms,
+        failure,
+    };
+    (body.boxed(), BodyWatch { live: Some(live) })
 }
 
 fn fire(sent: &mut Option<watch::Sender<bool>>) {
