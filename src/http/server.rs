@@ -93,6 +93,9 @@ pub fn serve_connection(
     let service = {
         let l = l.clone();
         service_fn(move |req| {
+            // Called in the connection's task as hyper accepts the request, before the
+            // stream's task runs: HTTP/2's first flight can then wait for the response.
+            cx.last_response.set_request_arrived();
             let l = l.clone();
             let cx = cx.clone();
             // Boxed: hyper spawns a task per HTTP/2 stream and moves this future into it

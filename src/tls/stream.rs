@@ -6,7 +6,8 @@
 //! wait decrypted in rustls is held back, because the caller reads them next and flushes again
 //! (h2 flushes at the end of every poll of the connection): the answers then share one write.
 //! On a new HTTP/2 connection this puts the server SETTINGS, WINDOW_UPDATE and SETTINGS ACK
-//! into one record write instead of two (one write of five per handshake-and-request).
+//! into one record write instead of two (one write of five per handshake-and-request), and
+//! `first_flight` holds that write on for the first response.
 //!
 //! The last response (HTTP/1.x): when the HTTP layer knows the connection closes after the
 //! response being written (`LastResponse`), flushes are held back for the rest of that poll
@@ -27,6 +28,7 @@
 //! nginx's `lingering_close on`, instead of waiting out the client's round trip. The check
 //! is one moment's: late bytes of a client that breaks the rule draw a RST (as with nginx).
 
+use super::first_flight::FirstFlight;
 use super::rekey::{Decision, Rekey, Trigger};
 use crate::config::KeyUpdatePolicy;
 use crate::metrics::RekeyMetrics;
@@ -95,6 +97,9 @@ pub struct ClientStream {
     /// Records of the last response are held in rustls since a poll of the connection;
     /// they are held on only while that poll lasts (`LastResponse::held`).
     held_back: bool,
+    /// HTTP/2: the server's first SETTINGS and WINDOW_UPDATE frames, held for the first
+    /// response (see `first_flight`).
+    first: FirstFlight,
 }
 
 /// Shared by an HTTP/1.x connection's driver and its `ClientStream`: whether the response
@@ -109,6 +114,9 @@ pub struct LastResponse {
     held: AtomicBool,
     /// The client asked for the close and sent its whole request.
     client_done: AtomicBool,
+    /// A request arrived on the connection (HTTP/2's first flight may wait for its
+    /// response: `first_flight`).
+    request_arrived: AtomicBool,
 }
 
 impl LastResponse {
@@ -125,6 +133,11 @@ impl LastResponse {
     /// sends nothing more until it has read the response, so the close need not linger.
     pub fn set_client_done(&self) {
         self.client_done.store(true, Ordering::Relaxed);
+    }
+
+    /// A request arrived (hyper hands it to the service in the connection's own task).
+    pub fn set_request_arrived(&self) {
+        self.request_arrived.store(true, Ordering::Relaxed);
     }
 
     /// One poll of the connection (`f`). Flushes held in it are written by the next poll's
@@ -175,6 +188,7 @@ impl ClientStream {
             peer_closed: false,
             last: Arc::default(),
             held_back: false,
+            first: FirstFlight::new(coalesce),
         };
         (s, rx)
     }
@@ -235,6 +249,7 @@ impl ClientStream {
     fn flush_now(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = self.io().poll_flush(cx);
         if r.is_ready() {
+            self.first.sent();
             self.flush_pending = false;
             self.owed = false;
             self.owed_woken = false;
@@ -278,6 +293,34 @@ impl ClientStream {
         }
     }
 
+    /// Queue a write of HTTP/2 setup frames in rustls while the first flight is held (see
+    /// `first_flight`); `None`: this write goes the usual way, and takes held records along.
+    fn hold_first_flight(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
+        use std::io::Write;
+        if !self.first.holds(bufs) {
+            return None;
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let conn = self.io().get_mut().get_mut().1;
+        match conn.writer().write_vectored(bufs) {
+            Ok(n) if n > 0 => {
+                self.owed = true;
+                if n == total {
+                    self.first.queued();
+                } else {
+                    // The rest starts inside a frame: no more sniffing, the next write
+                    // sends everything.
+                    self.first = FirstFlight::Over;
+                }
+                Some(n)
+            }
+            _ => {
+                self.first = FirstFlight::Over;
+                None
+            }
+        }
+    }
+
     /// Records of the last response are held in this poll; `LastResponse::poll_with` makes
     /// sure a next poll comes to write them if this one ends without the shutdown.
     fn held_for_last(&mut self) {
@@ -296,7 +339,11 @@ impl ClientStream {
             return Poll::Ready(Err(e));
         }
         self.flush_key_update(cx);
-        let r = match self.hold_write(bufs) {
+        let held = match self.hold_first_flight(bufs) {
+            Some(n) => Some(n),
+            None => self.hold_write(bufs),
+        };
+        let r = match held {
             Some(n) => Poll::Ready(Ok(n)),
             None => self.io().poll_write_vectored(cx, bufs),
         };
@@ -368,7 +415,10 @@ impl AsyncRead for ClientStream {
             // An owed flush must not wait for the client: come back once (h2 normally
             // flushes before then), and write it on the next read that would block.
             Poll::Pending if self.owed => {
-                if !self.io().get_ref().1.wants_write() {
+                let arrived = self.last.request_arrived.load(Ordering::Relaxed);
+                if self.first.read_blocked(cx, arrived) {
+                    // HTTP/2's first flight, held for the response (see `first_flight`).
+                } else if !self.io().get_ref().1.wants_write() {
                     // A write that could not be held has already sent the records.
                     self.owed = false;
                     self.owed_woken = false;
@@ -418,6 +468,10 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.first.holding(cx) {
+            // HTTP/2's first flight waits for the first response (see `first_flight`).
+            return Poll::Ready(Ok(()));
+        }
         if self.coalesce && self.input_waiting() {
             // Held back: the caller reads the waiting input and flushes again after it.
             self.owed = self.owed || self.io().get_ref().1.wants_write();
@@ -738,5 +792,91 @@ mod tests {
         assert!(!queued(&mut server));
         assert_eq!(wakes(&w), 0);
         assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), b"ok");
+    }
+
+    /// One poll of the connection's read, which finds nothing from the client.
+    fn read_blocks(server: &mut ClientStream, wakes: &Arc<Wakes>) {
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = [0u8; 16];
+        let mut rb = ReadBuf::new(&mut buf);
+        assert!(Pin::new(server).poll_read(&mut cx, &mut rb).is_pending());
+    }
+
+    fn settings() -> Vec<u8> {
+        super::super::first_flight::frame(
+            super::super::first_flight::SETTINGS,
+            &[0, 3, 0, 0, 0, 100],
+        )
+    }
+
+    #[tokio::test]
+    async fn http2_setup_frames_wait_for_the_first_response() {
+        let (mut server, mut client) = pair(true).await;
+        server.last_response().set_request_arrived();
+        server.write_all(&settings()).await.unwrap();
+        server.flush().await.unwrap();
+        assert!(queued(&mut server), "SETTINGS queued, not written");
+        let w = Arc::new(Wakes::default());
+        read_blocks(&mut server, &w);
+        read_blocks(&mut server, &w);
+        assert!(
+            queued(&mut server),
+            "held for the response while the reads block"
+        );
+        let headers = super::super::first_flight::frame(0x1, &[0x88]);
+        server.write_all(&headers).await.unwrap();
+        assert!(!queued(&mut server), "the response takes them along");
+        let mut got = vec![0; settings().len() + headers.len()];
+        tokio::time::timeout(WITHIN, client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, [settings(), headers].concat());
+    }
+
+    #[tokio::test]
+    async fn http2_setup_frames_go_out_when_no_request_came() {
+        // A client that waits for our SETTINGS before it sends a request.
+        let (mut server, mut client) = pair(true).await;
+        server.write_all(&settings()).await.unwrap();
+        server.flush().await.unwrap();
+        assert!(queued(&mut server));
+        let w = Arc::new(Wakes::default());
+        read_blocks(&mut server, &w);
+        assert_eq!(
+            wakes(&w),
+            1,
+            "comes back once: hyper may accept a request yet"
+        );
+        read_blocks(&mut server, &w);
+        assert!(!queued(&mut server), "written once the reads block again");
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), settings());
+    }
+
+    #[tokio::test]
+    async fn held_http2_setup_frames_go_out_when_the_hold_ends() {
+        let (mut server, mut client) = pair(true).await;
+        server.last_response().set_request_arrived();
+        server.write_all(&settings()).await.unwrap();
+        server.flush().await.unwrap();
+        // No response comes; the connection only reads.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            while server.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), settings());
+        reader.abort();
+    }
+
+    #[tokio::test]
+    async fn other_http2_frames_are_not_held() {
+        let (mut server, mut client) = pair(true).await;
+        server.last_response().set_request_arrived();
+        let ping_ack = super::super::first_flight::frame(0x6, &[1; 8]);
+        server.write_all(&ping_ack).await.unwrap();
+        server.flush().await.unwrap();
+        assert!(!queued(&mut server));
+        assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), ping_ack);
     }
 }
