@@ -212,6 +212,17 @@ impl BoundListener {
             let shutdown = shutdown.clone();
             let tcp = prepared.tcp.clone();
             let proxied = prepared.cfg.proxy_protocol && http.is_trusted(&peer);
+            // Delay our ACK of the ClientHello: the first flight follows within the
+            // handshake's computation and carries it, one packet (and its processing on
+            // both sides) less per connection (HAProxy's `tcp-smart-accept`). Safe: a
+            // TLS 1.3 client sends nothing more until that flight (a Nagle client would
+            // wait for our ACK before a second small segment: a load balancer's PROXY
+            // header may come in a segment of its own, so not behind one). Per socket:
+            // Linux does not pass it on from the listening socket.
+            #[cfg(target_os = "linux")]
+            if !proxied {
+                let _ = rustix::net::sockopt::set_tcp_quickack(&sock, false);
+            }
             let handshake_timeout = prepared.cfg.tls.handshake_timeout;
             tracker.spawn(async move {
                 let _permit = permit;
