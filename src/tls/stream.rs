@@ -100,6 +100,9 @@ pub struct ClientStream {
     /// HTTP/2: the server's first SETTINGS and WINDOW_UPDATE frames, held for the first
     /// response (see `first_flight`).
     first: FirstFlight,
+    /// HTTP/1.x: the client's handshake has yet to be acknowledged at once if its request
+    /// is not already there (see `ack_the_handshake`).
+    ack_owed: bool,
 }
 
 /// Shared by an HTTP/1.x connection's driver and its `ClientStream`: whether the response
@@ -189,6 +192,7 @@ impl ClientStream {
             last: Arc::default(),
             held_back: false,
             first: FirstFlight::new(coalesce),
+            ack_owed: !coalesce,
         };
         (s, rx)
     }
@@ -379,6 +383,20 @@ impl Drop for ClientStream {
 }
 
 impl ClientStream {
+    /// The first read finds no request after the handshake: acknowledge the client's Finished
+    /// now. By then the kernel delays its ACKs (the connection looks interactive), and a client
+    /// with Nagle's algorithm (no `TCP_NODELAY`: Python's and Java's plain sockets) holds a
+    /// request written after the handshake until its Finished is acknowledged: nothing of ours
+    /// would carry that ACK before the delayed-ACK timer, 40 ms. A request that came with the
+    /// Finished costs nothing here. HTTP/2 needs none: the server's SETTINGS carry the ACK.
+    fn ack_the_handshake(&mut self) {
+        self.ack_owed = false;
+        if self.rekey.total_bytes == 0 {
+            #[cfg(target_os = "linux")]
+            let _ = rustix::net::sockopt::set_tcp_quickack(self.io().get_ref().0, true);
+        }
+    }
+
     /// Nothing more comes from the client: its FIN was read, or its close_notify when it has
     /// no KeyUpdate of ours to answer (after close_notify a TLS 1.3 peer sends nothing, but
     /// some answer a KeyUpdate still: Go after `CloseWrite`).
@@ -430,6 +448,9 @@ impl AsyncRead for ClientStream {
                 }
             }
             _ => {}
+        }
+        if r.is_pending() && self.ack_owed {
+            self.ack_the_handshake();
         }
         let mut due = self.rekey.on_read(n);
         // The age timer is polled only when the read parks, so the busy path stays a compare.
@@ -878,5 +899,49 @@ mod tests {
         server.flush().await.unwrap();
         assert!(!queued(&mut server));
         assert_eq!(read_some(&mut client, WITHIN).await.unwrap(), ping_ack);
+    }
+
+    fn acks_at_once(server: &mut ClientStream) -> bool {
+        rustix::net::sockopt::tcp_quickack(server.io().get_ref().0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_no_request_after_the_handshake_its_ack_goes_at_once() {
+        let (mut server, _client) = pair(false).await;
+        // As the kernel has it once the connection looks interactive: ACKs delayed.
+        rustix::net::sockopt::set_tcp_quickack(server.io().get_ref().0, false).unwrap();
+        let w = Arc::new(Wakes::default());
+        read_blocks(&mut server, &w);
+        assert!(
+            acks_at_once(&mut server),
+            "the handshake acknowledged at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_with_the_handshake_draws_no_early_ack() {
+        let (mut server, mut client) = pair(false).await;
+        rustix::net::sockopt::set_tcp_quickack(server.io().get_ref().0, false).unwrap();
+        client.write_all(b"GET").await.unwrap();
+        client.flush().await.unwrap();
+        // In the socket before the first read, as when it comes with the client's Finished.
+        server.io().get_ref().0.readable().await.unwrap();
+        let mut got = [0u8; 3];
+        server.read_exact(&mut got).await.unwrap();
+        let w = Arc::new(Wakes::default());
+        read_blocks(&mut server, &w);
+        assert!(
+            !acks_at_once(&mut server),
+            "the response will carry the ACK"
+        );
+    }
+
+    #[tokio::test]
+    async fn http2_leaves_the_handshake_ack_to_its_settings() {
+        let (mut server, _client) = pair(true).await;
+        rustix::net::sockopt::set_tcp_quickack(server.io().get_ref().0, false).unwrap();
+        let w = Arc::new(Wakes::default());
+        read_blocks(&mut server, &w);
+        assert!(!acks_at_once(&mut server));
     }
 }
