@@ -76,6 +76,7 @@ impl ForwardedFor {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus Proxy-Authorization/Authenticate, which are
 /// meant for a proxy and must not reach the backend or the client.
+/// `Connection` first: the names it lists go too.
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
@@ -514,23 +515,30 @@ fn closes_after<B>(req: &Request<B>) -> bool {
 
 /// Remove hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names first: most messages carry none of these, and each remove
-    // costs a hash and a probe (twice per proxied request, 16 removes).
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
+    // One pass over the names first: most messages carry none of these or only
+    // `Connection` (a backend's keep-alive), and each remove costs a hash and a probe.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+        }
     }
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if present[0] {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (name, here) in HOP_BY_HOP.iter().zip(present) {
+        if here {
+            headers.remove(name);
+        }
     }
 }
 
@@ -566,9 +574,14 @@ pub fn rewrite_request_headers(
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     let ip = &c.forwarded_for.ip;
-    match (c.trusted_peer, joined(h, &X_FORWARDED_FOR, ", ")) {
-        (true, Some(prev)) => set(h, X_FORWARDED_FOR, &format!("{prev}, {ip}")),
-        _ => {
+    // What a client sent is kept only from a trusted proxy: looked up only then.
+    match c
+        .trusted_peer
+        .then(|| joined(h, &X_FORWARDED_FOR, ", "))
+        .flatten()
+    {
+        Some(prev) => set(h, X_FORWARDED_FOR, &format!("{prev}, {ip}")),
+        None => {
             h.insert(X_FORWARDED_FOR, c.forwarded_for.ip_value.clone());
         }
     }
@@ -588,9 +601,13 @@ pub fn rewrite_request_headers(
         element.push_str(a);
         element.push('"');
     }
-    let forwarded = match (c.trusted_peer, joined(h, &header::FORWARDED, ", ")) {
-        (true, Some(prev)) => format!("{prev}, {element}"),
-        _ => element,
+    let forwarded = match c
+        .trusted_peer
+        .then(|| joined(h, &header::FORWARDED, ", "))
+        .flatten()
+    {
+        Some(prev) => format!("{prev}, {element}"),
+        None => element,
     };
     set(h, header::FORWARDED, &forwarded);
 
@@ -817,6 +834,33 @@ mod tests {
         h.insert("te", HeaderValue::from_static("gzip, Trailers;q=1"));
         rewrite_request_headers(&mut h, &ctx("192.0.2.1:1", false), None, Version::HTTP_2);
         assert_eq!(h.get_all("te").iter().collect::<Vec<_>>(), ["trailers"]);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_lists_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-trace, Keep-Alive"),
+        );
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+
+        // One of them alone, no Connection.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::PROXY_AUTHORIZATION));
+        assert!(h.contains_key(header::ACCEPT));
     }
 
     #[test]
