@@ -92,10 +92,13 @@ pub fn serve_connection(
     let last_response = cx.last_response.clone();
     let service = {
         let l = l.clone();
-        service_fn(move |req| {
+        service_fn(move |req: hyper::Request<Incoming>| {
             // Called in the connection's task as hyper accepts the request, before the
-            // stream's task runs: HTTP/2's first flight can then wait for the response.
-            cx.last_response.set_request_arrived();
+            // stream's task runs: HTTP/2's first flight can then wait for the response. Not
+            // for a request with a body: its client may need our WINDOW_UPDATEs to send it.
+            if req.body().is_end_stream() {
+                cx.last_response.set_request_arrived();
+            }
             let l = l.clone();
             let cx = cx.clone();
             // Boxed: hyper spawns a task per HTTP/2 stream and moves this future into it

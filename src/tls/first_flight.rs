@@ -6,7 +6,8 @@
 //! way to the backend. Written at once, they take a write of their own, wake the client, and
 //! draw its SETTINGS ACK as a packet of its own (another read here). So writes made only of
 //! those frames are queued in rustls; once the connection's reads block, they are held on if
-//! a request has arrived (its response will take them along: the first write with anything
+//! a request without a body has arrived (one with a body may need our WINDOW_UPDATEs to
+//! come; the response will take them along: the first write with anything
 //! else in it, which may also be a PING ACK or a GOAWAY) for at most `HOLD`, and otherwise
 //! written then. A client that waits for our SETTINGS before its first request (gRPC-Go
 //! does) thus gets them as before; one that sends its request at once (RFC 9113 §3.4 allows

@@ -100,7 +100,7 @@ pub struct ClientStream {
     /// HTTP/2: the server's first SETTINGS and WINDOW_UPDATE frames, held for the first
     /// response (see `first_flight`).
     first: FirstFlight,
-    /// HTTP/1.x: the client's handshake has yet to be acknowledged at once if its request
+    /// Not HTTP/2: the client's handshake has yet to be acknowledged at once if its request
     /// is not already there (see `ack_the_handshake`).
     ack_owed: bool,
 }
@@ -117,8 +117,8 @@ pub struct LastResponse {
     held: AtomicBool,
     /// The client asked for the close and sent its whole request.
     client_done: AtomicBool,
-    /// A request arrived on the connection (HTTP/2's first flight may wait for its
-    /// response: `first_flight`).
+    /// A request without a body arrived on the connection (HTTP/2's first flight may wait
+    /// for its response: `first_flight`).
     request_arrived: AtomicBool,
 }
 
@@ -138,7 +138,8 @@ impl LastResponse {
         self.client_done.store(true, Ordering::Relaxed);
     }
 
-    /// A request arrived (hyper hands it to the service in the connection's own task).
+    /// A request whose response needs nothing more from the client arrived (hyper hands it
+    /// to the service in the connection's own task).
     pub fn set_request_arrived(&self) {
         self.request_arrived.store(true, Ordering::Relaxed);
     }
