@@ -57,60 +57,9 @@ if ((${#need[@]})); then
         { "${SUDO[@]}" apt-get update >/dev/null && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}" >/dev/null; }
 fi
 
-TMP=$(mktemp -d /tmp/ephemera-instructions.XXXXXX)
-SERVER_PID=
-cleanup() {
-    [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null || true
-    [[ -f $TMP/backend.pid ]] && kill "$(cat "$TMP/backend.pid")" 2>/dev/null || true
-    if [[ $KEEP_TMP = 1 ]]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-
-read -r PORT ADMIN BACKEND < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(3)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])')
-
-"$1" certs --out "$TMP/certs" >/dev/null || die "$1 certs failed"
-mkdir -p "$TMP/backend"
-cat >"$TMP/backend.conf" <<EOF
-worker_processes 1;
-pid $TMP/backend.pid;
-error_log $TMP/backend-error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    server {
-        listen 127.0.0.1:$BACKEND;
-        location / { return 200 "ok\n"; }
-    }
-}
-EOF
-taskset -c "$CLIENT_CPU" nginx -p "$TMP/backend/" -c "$TMP/backend.conf" -e "$TMP/backend-error.log" ||
-    die "the backend nginx did not start: $(cat "$TMP/backend-error.log" 2>/dev/null)"
-cat >"$TMP/ephemera.yaml" <<EOF
-admin:
-  bind: 127.0.0.1:$ADMIN
-shutdown_grace: 1s
-listeners:
-  - name: instructions
-    bind: 127.0.0.1:$PORT
-    tls:
-      certificates:
-        - { cert: $TMP/certs/localhost.crt, key: $TMP/certs/localhost.key }
-      groups: [x25519, secp256r1, secp384r1]
-    http:
-      access_log: false
-    routes:
-      - { host: "*", path_prefix: /, upstream: app }
-upstreams:
-  app:
-    protocol: http1
-    servers: [127.0.0.1:$BACKEND]
-EOF
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_setup instructions "$1" "$CLIENT_CPU"
 
 FIRST=$1
 
