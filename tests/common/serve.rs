@@ -17,6 +17,9 @@ pub struct Serve {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub log: Arc<Mutex<String>>,
+    /// Collects the log; `exit_within` waits for it to reach the end of stderr, so that the
+    /// log is complete once the process has exited.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Serve {
@@ -67,7 +70,7 @@ impl Serve {
         let log = Arc::new(Mutex::new(String::new()));
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let sink = log.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
@@ -85,6 +88,7 @@ impl Serve {
                     addr,
                     admin,
                     log,
+                    reader: Some(reader),
                 };
             }
             if let Some(status) = child.try_wait().unwrap() {
@@ -125,10 +129,16 @@ impl Serve {
     }
 
     pub async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
-        match tokio::time::timeout(limit, self.child.wait()).await {
+        let status = match tokio::time::timeout(limit, self.child.wait()).await {
             Ok(status) => status.unwrap(),
             Err(_) => panic!("serve did not exit within {limit:?}:\n{}", self.log()),
+        };
+        // The process is gone, but its last log lines may still be on their way through
+        // the pipe to the reader.
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
         }
+        status
     }
 
     pub async fn metrics(&self) -> String {
