@@ -36,18 +36,11 @@ H2_STREAMS=${H2_STREAMS:-10}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 KEEP_TMP=${KEEP_TMP:-0}
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-export LC_ALL=C
-
-die() {
-    printf 'ab.sh: ERROR: %s\n' "$*" >&2
-    exit 1
-}
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 (($# >= 2)) || die "usage: bash benches/ab.sh OLD_BINARY NEW_BINARY [MORE...]"
-for b in "$@"; do
-    [[ -x $b ]] || die "not an executable file: $b"
-done
+check_binaries "$@"
 for v in ROUNDS DURATION LG_CONNS H2_CONNS H2_STREAMS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
@@ -60,8 +53,6 @@ for tool in openssl nginx taskset python3; do
     command -v "$tool" >/dev/null || die "$tool is missing (Debian: openssl, nginx-light, util-linux, python3)"
 done
 
-# shellcheck source=benches/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_setup ab "$1" "$CLIENT_CPU"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -27,18 +27,11 @@ LOADS=${LOADS:-loadgen h2load}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 KEEP_TMP=${KEEP_TMP:-0}
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-export LC_ALL=C
-
-die() {
-    printf 'instructions.sh: ERROR: %s\n' "$*" >&2
-    exit 1
-}
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 (($# >= 1)) || die "usage: bash benches/instructions.sh BINARY [MORE...]"
-for b in "$@"; do
-    [[ -x $b ]] || die "not an executable file: $b"
-done
+check_binaries "$@"
 for l in $LOADS; do
     [[ $l = loadgen || $l = loadgen-h1 || $l = h2load ]] || die "LOADS: unknown load '$l' (loadgen, loadgen-h1, h2load)"
 done
@@ -57,8 +50,6 @@ if ((${#need[@]})); then
         { "${SUDO[@]}" apt-get update >/dev/null && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}" >/dev/null; }
 fi
 
-# shellcheck source=benches/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_setup instructions "$1" "$CLIENT_CPU"
 
 FIRST=$1

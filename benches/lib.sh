@@ -1,12 +1,27 @@
-# Shared by benches/ab.sh and benches/instructions.sh (sourced, not run): a temporary
+# Shared by benches/ab.sh and benches/instructions.sh (sourced, not run): die,
+# check_binaries, and bench_setup, which makes a temporary
 # directory with a backend nginx answering "ok" and an ephemera config proxying to it.
 #
 #   bench_setup NAME FIRST_BINARY CLIENT_CPU
 #
 # sets TMP (removed on exit unless KEEP_TMP=1), PORT, ADMIN, BACKEND, writes
 # $TMP/ephemera.yaml and $TMP/certs (made by FIRST_BINARY), starts the backend pinned to
-# CLIENT_CPU, and installs an EXIT trap that also stops $SERVER_PID if set. The caller
-# defines die().
+# CLIENT_CPU, and installs an EXIT trap that also stops $SERVER_PID if set.
+
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export LC_ALL=C
+
+die() {
+    printf '%s: ERROR: %s\n' "$(basename "$0")" "$*" >&2
+    exit 1
+}
+
+check_binaries() { # binary...
+    local b
+    for b in "$@"; do
+        [[ -x $b ]] || die "not an executable file: $b"
+    done
+}
 
 bench_setup() { # name first_binary client_cpu
     local name=$1 first=$2 cpu=$3

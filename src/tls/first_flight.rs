@@ -9,9 +9,9 @@
 //! a request without a body has arrived (one with a body may need our WINDOW_UPDATEs to
 //! come; the response will take them along: the first write with anything
 //! else in it, which may also be a PING ACK or a GOAWAY) for at most `HOLD`, and otherwise
-//! written then. A client that waits for our SETTINGS before its first request (gRPC-Go
-//! does) thus gets them as before; one that sends its request at once (RFC 9113 §3.4 allows
-//! it; browsers, curl, h2load do) gets them with the response.
+//! written then. A client that waits for our SETTINGS before its first request thus gets them
+//! as before; one that sends its request at once (RFC 9113 §3.4 allows it; curl does) gets
+//! them with the response.
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::Context;

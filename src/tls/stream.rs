@@ -280,18 +280,25 @@ impl ClientStream {
     /// Queue a write in rustls without writing to the socket, when flushes are held back;
     /// `None`: take the usual path (rustls' buffer is full, or nothing waits).
     fn hold_write(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
-        use std::io::Write;
         let last = self.holding_last();
         if !(last || self.coalesce && self.input_waiting()) {
             return None;
         }
+        let n = self.queue(bufs)?;
+        if last {
+            self.held_for_last();
+        }
+        Some(n)
+    }
+
+    /// Queue `bufs` in rustls without writing to the socket: the records are owed. `None`:
+    /// rustls took nothing (its buffer is full).
+    fn queue(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
+        use std::io::Write;
         let conn = self.io().get_mut().get_mut().1;
         match conn.writer().write_vectored(bufs) {
             Ok(n) if n > 0 => {
                 self.owed = true;
-                if last {
-                    self.held_for_last();
-                }
                 Some(n)
             }
             _ => None,
@@ -301,29 +308,19 @@ impl ClientStream {
     /// Queue a write of HTTP/2 setup frames in rustls while the first flight is held (see
     /// `first_flight`); `None`: this write goes the usual way, and takes held records along.
     fn hold_first_flight(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
-        use std::io::Write;
         if !self.first.holds(bufs) {
             return None;
         }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let conn = self.io().get_mut().get_mut().1;
-        match conn.writer().write_vectored(bufs) {
-            Ok(n) if n > 0 => {
-                self.owed = true;
-                if n == total {
-                    self.first.queued();
-                } else {
-                    // The rest starts inside a frame: no more sniffing, the next write
-                    // sends everything.
-                    self.first = FirstFlight::Over;
-                }
-                Some(n)
-            }
-            _ => {
-                self.first = FirstFlight::Over;
-                None
-            }
+        let n = self.queue(bufs);
+        if n == Some(total) {
+            self.first.queued();
+        } else {
+            // Taken in part (the rest starts inside a frame) or not at all: no more
+            // sniffing, the next write sends everything.
+            self.first = FirstFlight::Over;
         }
+        n
     }
 
     /// Records of the last response are held in this poll; `LastResponse::poll_with` makes
@@ -386,7 +383,7 @@ impl Drop for ClientStream {
 impl ClientStream {
     /// The first read finds no request after the handshake: acknowledge the client's Finished
     /// now. By then the kernel delays its ACKs (the connection looks interactive), and a client
-    /// with Nagle's algorithm (no `TCP_NODELAY`: Python's and Java's plain sockets) holds a
+    /// with Nagle's algorithm (no `TCP_NODELAY`: Python's plain sockets, for one) holds a
     /// request written after the handshake until its Finished is acknowledged: nothing of ours
     /// would carry that ACK before the delayed-ACK timer, 40 ms. A request that came with the
     /// Finished costs nothing here. HTTP/2 needs none: the server's SETTINGS carry the ACK.
@@ -906,11 +903,15 @@ mod tests {
         rustix::net::sockopt::tcp_quickack(server.io().get_ref().0).unwrap()
     }
 
+    /// As the kernel has it once the connection looks interactive: ACKs delayed.
+    fn delay_acks(server: &mut ClientStream) {
+        rustix::net::sockopt::set_tcp_quickack(server.io().get_ref().0, false).unwrap();
+    }
+
     #[tokio::test]
     async fn with_no_request_after_the_handshake_its_ack_goes_at_once() {
         let (mut server, _client) = pair(false).await;
-        // As the kernel has it once the connection looks interactive: ACKs delayed.
-        rustix::net::sockopt::set_tcp_quickack(server.io().get_ref().0, false).unwrap();
+        delay_acks(&mut server);
         let w = Arc::new(Wakes::default());
         read_blocks(&mut server, &w);
         assert!(
@@ -922,7 +923,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_with_the_handshake_draws_no_early_ack() {
         let (mut server, mut client) = pair(false).await;
-        rustix::net::sockopt::set_tcp_quickack(server.io().get_ref().0, false).unwrap();
+        delay_acks(&mut server);
         client.write_all(b"GET").await.unwrap();
         client.flush().await.unwrap();
         // In the socket before the first read, as when it comes with the client's Finished.
@@ -940,7 +941,7 @@ mod tests {
     #[tokio::test]
     async fn http2_leaves_the_handshake_ack_to_its_settings() {
         let (mut server, _client) = pair(true).await;
-        rustix::net::sockopt::set_tcp_quickack(server.io().get_ref().0, false).unwrap();
+        delay_acks(&mut server);
         let w = Arc::new(Wakes::default());
         read_blocks(&mut server, &w);
         assert!(!acks_at_once(&mut server));

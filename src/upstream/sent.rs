@@ -30,24 +30,17 @@ struct Live {
     failure: Arc<Mutex<Option<BoxError>>>,
 }
 
-impl BodyWatch {
-    /// Resolves when the wait for a response should end: `false` once `timeout` has passed
-    /// since the body was sent in full (the response timeout), `true` when hyper has not
-    /// pulled from the unfinished body for `timeout` (the backend stopped taking it, or an
-    /// HTTP/2 stream never got a slot).
-    pub async fn deadline(&self, timeout: std::time::Duration) -> bool {
-        let Some(live) = &self.live else {
-            tokio::time::sleep(timeout).await;
-            return false;
-        };
-        let mut sent = live.sent.clone();
+impl Live {
+    /// `true` when hyper has not pulled from the body for `timeout`; `false` once the body
+    /// has been sent in full, or is gone (failed or dropped): the response timer runs then.
+    async fn stuck(&self, timeout: std::time::Duration) -> bool {
+        let mut sent = self.sent.clone();
         loop {
             if *sent.borrow_and_update() {
-                tokio::time::sleep(timeout).await;
                 return false;
             }
-            let pulled = live.epoch
-                + std::time::Duration::from_millis(live.pulled_ms.load(Ordering::Acquire));
+            let pulled = self.epoch
+                + std::time::Duration::from_millis(self.pulled_ms.load(Ordering::Acquire));
             let due = pulled + timeout;
             if Instant::now() >= due {
                 return true;
@@ -56,13 +49,27 @@ impl BodyWatch {
                 _ = tokio::time::sleep_until(due) => {}
                 changed = sent.changed() => {
                     if changed.is_err() {
-                        // The body is gone (failed or dropped): the response timer runs.
-                        tokio::time::sleep(timeout).await;
                         return false;
                     }
                 }
             }
         }
+    }
+}
+
+impl BodyWatch {
+    /// Resolves when the wait for a response should end: `false` once `timeout` has passed
+    /// since the body was sent in full (the response timeout), `true` when hyper has not
+    /// pulled from the unfinished body for `timeout` (the backend stopped taking it, or an
+    /// HTTP/2 stream never got a slot).
+    pub async fn deadline(&self, timeout: std::time::Duration) -> bool {
+        if let Some(live) = &self.live
+            && live.stuck(timeout).await
+        {
+            return true;
+        }
+        tokio::time::sleep(timeout).await;
+        false
     }
 
     /// The client-side error that ended the body, if it failed.
