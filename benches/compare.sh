@@ -221,17 +221,42 @@ http {
         listen 127.0.0.1:$BACKEND_PORT;
         add_header X-Bench-Backend 1 always;
         location / { return 200 "ok\n"; }
+        # What the proxies add to a request: the policy check compares it across servers.
+        location = /bench-forwarded {
+            return 200 "xff=\$http_x_forwarded_for proto=\$http_x_forwarded_proto xfh=\$http_x_forwarded_host fwd=\$http_forwarded\n";
+        }
     }
 }
 EOF
 
+# The same forwarding headers from all three: ephemera always sets X-Forwarded-For (the
+# client address; a client's own value is dropped, none of ours is trusted), X-Forwarded-Proto,
+# X-Forwarded-Host and a Forwarded element, the last two with the request's host when it has
+# one (s_time's HTTP/1.0 requests carry none). nginx and HAProxy are told to do the same
+# (checked through the backend's /bench-forwarded below).
 if [[ $MODE = proxy ]]; then
     EPH_ROUTE="upstream: app"
-    NGINX_LOCATION="proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";"
-    HAPROXY_ACTION="default_backend app"
+    NGINX_LOCATION="proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-Host \$http_host;
+            proxy_set_header Forwarded \$bench_forwarded;"
+    # (An empty proxy_set_header value sends no header: no X-Forwarded-Host without a host.)
+    NGINX_HTTP='map $http_host $bench_forwarded {
+        ""      "for=$remote_addr;proto=https";
+        default "for=$remote_addr;proto=https;host=\"$http_host\"";
+    }'
+    HAPROXY_ACTION='http-request set-header X-Forwarded-For %[src]
+    http-request set-header X-Forwarded-Proto https
+    http-request del-header X-Forwarded-Host
+    http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found }
+    http-request set-header Forwarded "for=%[src];proto=https;host=\"%[req.hdr(host)]\"" if { req.hdr(host) -m found }
+    http-request set-header Forwarded "for=%[src];proto=https" unless { req.hdr(host) -m found }
+    default_backend app'
 else
     EPH_ROUTE='respond: { status: 200, body: "ok\n" }'
     NGINX_LOCATION='return 200 "ok\n";'
+    NGINX_HTTP=""
     HAPROXY_ACTION='http-request return status 200 content-type text/plain string "ok"'
 fi
 
@@ -286,6 +311,7 @@ http {
     access_log off;
     default_type text/plain;
     keepalive_requests 100000000;
+    $NGINX_HTTP
     upstream app {
         server 127.0.0.1:$BACKEND_PORT;
         keepalive $NGINX_KEEPALIVE;
@@ -423,6 +449,23 @@ sclient() { # port out-file extra-args...: one connection, GET /, wait for the s
         timeout 10 openssl s_client -connect "127.0.0.1:$port" -servername localhost \
             -CAfile "$CA" -verify_hostname localhost -ign_eof "$@" >"$out" 2>&1
 }
+forwarded() { # server: the headers the backend received, with and without a Host, are the same
+    local s=$1 port=${PORT[$1]} out=$TMP/verify-$1.fwd got want
+    for req in 'GET /bench-forwarded HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 192.0.2.66\r\nX-Forwarded-Host: evil\r\nConnection: close\r\n\r\n' \
+        'GET /bench-forwarded HTTP/1.0\r\nX-Forwarded-For: 192.0.2.66\r\nX-Forwarded-Host: evil\r\n\r\n'; do
+        if [[ $req = *Host:\ localhost* ]]; then
+            want='xff=127.0.0.1 proto=https xfh=localhost fwd=for=127.0.0.1;proto=https;host="localhost"'
+        else
+            want='xff=127.0.0.1 proto=https xfh= fwd=for=127.0.0.1;proto=https'
+        fi
+        # shellcheck disable=SC2059 # the request is the format: its \r\n are printf's escapes
+        printf "$req" | timeout 10 openssl s_client -connect "127.0.0.1:$port" -servername localhost \
+            -CAfile "$CA" -ign_eof -quiet >"$out" 2>&1 || true
+        got=$(tr -d '\r' <"$out" | grep '^xff=' || true)
+        [[ $got = "$want" ]] ||
+            die "$s: forwarding headers differ from the others' (${req%%\\r*}): the backend saw '$got', want '$want'"
+    done
+}
 verify() {
     local s=$1 port=${PORT[$1]} out=$TMP/verify-$1 g want
     rm -f "$out.sess"
@@ -439,6 +482,7 @@ verify() {
     if [[ $MODE = proxy ]] && ! grep -qi '^X-Bench-Backend: 1' "$out.default"; then
         die "$s: the response did not come from the backend (no X-Bench-Backend header): $(grep -A8 '^HTTP/' "$out.default" | sed -n 1,8p)"
     fi
+    [[ $MODE = proxy ]] && forwarded "$s"
     if grep -q 'New Session Ticket' "$out.default" || [[ -e $out.sess ]]; then
         die "$s issues TLS 1.3 session tickets (policy not equivalent): $(grep -c 'New Session Ticket' "$out.default") NewSessionTicket message(s)"
     fi
@@ -461,7 +505,7 @@ verify() {
     { grep -q '^Application protocol: h2' "$out.h2" && grep -q ' 4 succeeded, 0 failed, 0 errored' "$out.h2" &&
         grep -q '^status codes: 4 2xx' "$out.h2"; } ||
         die "$s: HTTP/2 check with h2load failed: $(grep -E '^(Application|requests|status)' "$out.h2")"
-    log "$s: policy OK (TLS 1.3 only; AES-128-GCM chosen over the client's order; X25519/P-256/P-384 yes, FFDHE no; no ticket; chain verifies; 200 ok$([[ $MODE = proxy ]] && echo ' from the backend'); h2 by ALPN)"
+    log "$s: policy OK (TLS 1.3 only; AES-128-GCM chosen over the client's order; X25519/P-256/P-384 yes, FFDHE no; no ticket; chain verifies; 200 ok$([[ $MODE = proxy ]] && echo ' from the backend, the same forwarding headers'); h2 by ALPN)"
 }
 for s in "${SERVERS[@]}"; do verify "$s"; done
 

@@ -615,14 +615,20 @@ pub fn rewrite_request_headers(
     };
     set(h, header::FORWARDED, &forwarded);
 
-    if let Some(a) = authority
-        && let Ok(v) = HeaderValue::from_str(a)
-    {
-        if !c.trusted_peer || !h.contains_key(&X_FORWARDED_HOST) {
-            h.insert(X_FORWARDED_HOST, v.clone());
+    match authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+        Some(v) => {
+            if !c.trusted_peer || !h.contains_key(&X_FORWARDED_HOST) {
+                h.insert(X_FORWARDED_HOST, v.clone());
+            }
+            // The one target the request was routed by (HTTP/2 carries it in :authority).
+            h.insert(header::HOST, v);
         }
-        // The one target the request was routed by (HTTP/2 carries it in :authority).
-        h.insert(header::HOST, v);
+        // An HTTP/1.0 request may have no host: a client's own X-Forwarded-Host must not
+        // pass for ours.
+        None if !c.trusted_peer => {
+            h.remove(&X_FORWARDED_HOST);
+        }
+        None => {}
     }
     // HTTP/2 may split cookies into several fields; HTTP/1.1 needs one (RFC 9113 §8.2.3).
     // Joined as bytes: cookie values may carry non-ASCII octets that `to_str` would drop.
@@ -830,6 +836,26 @@ mod tests {
             Version::HTTP_11,
         );
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
+    }
+
+    #[test]
+    fn x_forwarded_host_is_ours_or_a_trusted_proxys() {
+        let from = |trusted, authority| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+            rewrite_request_headers(
+                &mut h,
+                &ctx("192.0.2.1:5000", trusted),
+                authority,
+                Version::HTTP_10,
+            );
+            h.get("x-forwarded-host").cloned()
+        };
+        assert_eq!(from(false, Some("example.com")).unwrap(), "example.com");
+        // HTTP/1.0 without a Host: nothing to say, and the client's value is not kept.
+        assert_eq!(from(false, None), None);
+        assert_eq!(from(true, Some("example.com")).unwrap(), "evil.example");
+        assert_eq!(from(true, None).unwrap(), "evil.example");
     }
 
     #[test]
