@@ -812,8 +812,17 @@ report_client() { # client
             e = v[r, "ephemera"]
             if (e > 0) printf " round %d: nginx/ephemera %.2f, haproxy/ephemera %.2f%s", r,
                 v[r, "nginx"] / e, v[r, "haproxy"] / e, (r < R ? ";" : "")
+            if (e > 0 && v[r, "nginx"] > 0) ng[++nn] = e / v[r, "nginx"]
+            if (e > 0 && v[r, "haproxy"] > 0) hp[++nh] = e / v[r, "haproxy"]
         }
-        printf ".\n" }' "$rf"
+        printf ".\n"
+        # Each round measures the three servers within a minute of each other: the median of
+        # the per-round ratios is less moved by a slow minute of the host than the sums above.
+        if (nn && nh) printf "\nMedian of the per-round ratios: ephemera at **%.2f×** nginx'"'"'s and **%.2f×** HAProxy'"'"'s server CPU per %s.\n", median(ng, nn), median(hp, nh), unit }
+    function median(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }' unit="$unit" "$rf"
 }
 {
     echo
