@@ -284,6 +284,88 @@ async fn keep_alive_connections_to_the_backend_are_reused() {
     );
 }
 
+/// A pooled connection goes back to the pool when its response body has been read to the
+/// end, whatever the body: none (204, HEAD), one frame, many frames, chunked; for clients
+/// over HTTP/1.1 and HTTP/2 (whose servers stop polling a body once it says it has ended).
+#[tokio::test]
+async fn backend_connections_return_to_the_pool_after_every_kind_of_body() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let resp = match req.uri().path() {
+                            "/none" => hyper::Response::builder()
+                                .status(204)
+                                .body(empty())
+                                .unwrap(),
+                            "/big" => hyper::Response::new(full(vec![b'x'; 300_000])),
+                            "/chunked" => {
+                                let frames = (0..5).map(|i| {
+                                    Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from(
+                                        vec![b'0' + i; 10_000],
+                                    )))
+                                });
+                                hyper::Response::new(
+                                    http_body_util::StreamBody::new(futures_util::stream::iter(
+                                        frames,
+                                    ))
+                                    .boxed(),
+                                )
+                            }
+                            _ => hyper::Response::new(full("pooled")),
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    let certs = Certs::new(&["localhost"]);
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    for h2 in [false, true] {
+        let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), h2).await;
+        for round in 0..3 {
+            for (path, len) in [
+                ("/none", 0),
+                ("/", 6),
+                ("/big", 300_000),
+                ("/chunked", 50_000),
+            ] {
+                let (status, _, body) = c.get(path).await;
+                assert!(status < 300, "{path}: {status}");
+                assert_eq!(body.len(), len, "{path} (h2 {h2}, round {round})");
+            }
+            let resp = c.send(request("HEAD", "/big", empty())).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert!(
+                resp.into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .is_empty()
+            );
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "30 sequential requests over two client connections reuse one backend connection"
+    );
+}
+
 #[tokio::test]
 async fn builtin_route_names_tls_parameters() {
     let certs = Certs::new(&["localhost"]);

@@ -5,10 +5,15 @@
 use super::connect::BackendIo;
 use crate::body::ProxyBody;
 use crate::metrics::UpstreamMetrics;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
@@ -72,19 +77,98 @@ impl Pool {
         idle.retain(|c| !all && c.idle_since.elapsed() < IDLE_TIMEOUT && c.sender.is_ready());
     }
 
-    /// Park `conn` once its current response has been read to the end (hyper's `ready`).
-    pub fn give_back(self: &Arc<Self>, mut conn: Conn) {
+    /// Park `conn` once its current response has been read to the end (hyper's `ready`): at
+    /// once if hyper already wants the next request, else from a task that waits for it.
+    fn give_back(self: &Arc<Self>, mut conn: Conn) {
+        if conn.sender.is_ready() {
+            self.park(conn);
+            return;
+        }
         let pool = self.clone();
         tokio::spawn(async move {
-            let current = pool.generation.load(Ordering::Acquire);
-            if conn.sender.ready().await.is_ok() && conn.generation == current {
-                conn.idle_since = Instant::now();
-                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                if idle.len() < MAX_IDLE {
-                    idle.push(conn);
-                }
+            if conn.sender.ready().await.is_ok() {
+                pool.park(conn);
             }
         });
+    }
+
+    fn park(&self, mut conn: Conn) {
+        if conn.generation != self.generation.load(Ordering::Acquire) {
+            return;
+        }
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from a pooled connection, which goes back to the pool when the body
+    /// has been read to the end: usually hyper then already wants the next request, and the
+    /// connection is parked without a task to wait for that (as it was for every response).
+    /// Dropped before its end, the connection is handed to such a task (hyper closes it, or
+    /// reads the rest and parks it).
+    pub struct Returning {
+        #[pin]
+        body: Incoming,
+        conn: Option<(Arc<Pool>, Conn)>,
+    }
+
+    impl PinnedDrop for Returning {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some((pool, conn)) = this.project().conn.take() {
+                pool.give_back(conn);
+            }
+        }
+    }
+}
+
+impl Returning {
+    pub fn new(body: Incoming, pool: Arc<Pool>, conn: Conn) -> Returning {
+        let mut r = Returning {
+            body,
+            conn: Some((pool, conn)),
+        };
+        if r.body.is_end_stream()
+            && let Some((pool, conn)) = r.conn.take()
+        {
+            pool.give_back(conn);
+        }
+        r
+    }
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let polled = std::task::ready!(this.body.as_mut().poll_frame(cx));
+        // hyper's servers stop polling a body that says it has ended after a frame.
+        let ended = match &polled {
+            Some(Ok(_)) => this.body.is_end_stream(),
+            None => true,
+            // The connection is closed or will be; the drop hands it to the waiting task.
+            Some(Err(_)) => false,
+        };
+        if ended && let Some((pool, conn)) = this.conn.take() {
+            pool.give_back(conn);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -428,17 +428,19 @@ impl Upstream {
             {
                 Ok(resp) => {
                     self.metrics.observe(started.elapsed().as_secs_f64());
+                    let announced = announced_length(head, &resp);
                     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || private {
                         // The connection now belongs to the upgrade (a WebSocket relay), or,
                         // having begun with a PROXY header, to this one request: it closes
                         // once the response has been read.
                         conn.detach();
-                    } else {
-                        // Back to the pool once the response body has been read to the end.
-                        server.h1.give_back(conn);
+                        return Ok(resp.map(|body| self.checked(body, announced)));
                     }
-                    let announced = announced_length(head, &resp);
-                    return Ok(resp.map(|body| self.checked(body, announced)));
+                    // Back to the pool once the response body has been read to the end.
+                    let pool = server.h1.clone();
+                    return Ok(resp.map(|body| {
+                        self.checked(h1::Returning::new(body, pool, conn), announced)
+                    }));
                 }
                 Err(Exchange::Unsent(r)) if !fresh => req = r,
                 Err(Exchange::Unsent(r)) => {
