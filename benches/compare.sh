@@ -100,6 +100,7 @@ command -v taskset >/dev/null || need+=(util-linux)
 command -v getconf >/dev/null || need+=(libc-bin)
 command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v python3 >/dev/null || need+=(python3)
+command -v curl >/dev/null || need+=(curl)
 if ((${#need[@]})); then
     command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get: install them by hand"
     SUDO=()
@@ -119,7 +120,7 @@ if ((${#need[@]})); then
         done
     fi
 fi
-for c in nginx haproxy openssl taskset getconf awk h2load python3; do
+for c in nginx haproxy openssl taskset getconf awk h2load python3 curl; do
     command -v "$c" >/dev/null || die "'$c' not found after installation"
 done
 NCPU=$(nproc)
@@ -233,7 +234,9 @@ EOF
 # client address; a client's own value is dropped, none of ours is trusted), X-Forwarded-Proto,
 # X-Forwarded-Host and a Forwarded element, the last two with the request's host when it has
 # one (s_time's HTTP/1.0 requests carry none). nginx and HAProxy are told to do the same
-# (checked through the backend's /bench-forwarded below).
+# (checked through the backend's /bench-forwarded below, over HTTP/1.1, HTTP/1.0 and HTTP/2).
+# Host is left to each: ephemera and HAProxy pass the client's, nginx sends its upstream's
+# name ("app"); one header either way.
 if [[ $MODE = proxy ]]; then
     EPH_ROUTE="upstream: app"
     NGINX_LOCATION="proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";
@@ -465,6 +468,13 @@ forwarded() { # server: the headers the backend received, with and without a Hos
         [[ $got = "$want" ]] ||
             die "$s: forwarding headers differ from the others' (${req%%\\r*}): the backend saw '$got', want '$want'"
     done
+    # HTTP/2: the host comes from :authority (with the port, as curl sends it).
+    got=$(timeout 10 curl -s --http2 --cacert "$CA" --resolve "localhost:$port:127.0.0.1" \
+        -H 'X-Forwarded-For: 192.0.2.66' -H 'X-Forwarded-Host: evil' \
+        -w '%{http_version}\n' "https://localhost:$port/bench-forwarded" 2>&1 || true)
+    want="xff=127.0.0.1 proto=https xfh=localhost:$port fwd=for=127.0.0.1;proto=https;host=\"localhost:$port\""
+    [[ $(sed -n 2p <<<"$got") = 2 && $(sed -n 1p <<<"$got") = "$want" ]] ||
+        die "$s: forwarding headers over HTTP/2 differ from the others': the backend saw '$(tr '\n' ' ' <<<"$got")', want '$want' over HTTP/2"
 }
 verify() {
     local s=$1 port=${PORT[$1]} out=$TMP/verify-$1 g want
@@ -806,19 +816,22 @@ report_client() { # client
         }
     }' "$rf" "$rf"
     echo
-    awk -F'\t' '{ v[$1, $2] = ($6 + $7) / $3; if ($1 > R) R = $1 } END {
+    awk -F'\t' '{ v[$1, $2] = ($6 + $7) / $3; if ($1 > R) R = $1; if ($13 != "") busy[$1] = 1 } END {
         printf "Per-round ratios of server CPU:"
         for (r = 1; r <= R; r++) {
             e = v[r, "ephemera"]
             if (e > 0) printf " round %d: nginx/ephemera %.2f, haproxy/ephemera %.2f%s", r,
                 v[r, "nginx"] / e, v[r, "haproxy"] / e, (r < R ? ";" : "")
+            if (r in busy) continue
             if (e > 0 && v[r, "nginx"] > 0) ng[++nn] = e / v[r, "nginx"]
             if (e > 0 && v[r, "haproxy"] > 0) hp[++nh] = e / v[r, "haproxy"]
         }
         printf ".\n"
         # Each round measures the three servers within a minute of each other: the median of
         # the per-round ratios is less moved by a slow minute of the host than the sums above.
-        if (nn && nh) printf "\nMedian of the per-round ratios: ephemera at **%.2f×** nginx'"'"'s and **%.2f×** HAProxy'"'"'s server CPU per %s.\n", median(ng, nn), median(hp, nh), unit }
+        # Rounds with a row marked ! (other processes over MAX_BUSY) are left out of it.
+        if (nn && nh) printf "\nMedian of the per-round ratios (%d round(s) without a ! row): ephemera at **%.2f×** nginx'"'"'s and **%.2f×** HAProxy'"'"'s server CPU per %s.\n", nn, median(ng, nn), median(hp, nh), unit
+        else printf "\nNo round without a ! row: no median.\n" }
     function median(a, n,   i, j, t) {
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2

@@ -9,8 +9,11 @@
 //! HTTP/2 handshakes (benches/instructions.sh): SHA-256 compression calls 128 -> 90 per
 //! handshake, server instructions 1,189k -> 1,108k per connection.
 //!
-//! Every secret is erased as before: aws-lc cleans an HMAC key's state when it is dropped,
-//! rustls' `OkmBlock` and `Tag` zero themselves.
+//! Erasure: aws-lc cleans an HMAC key's state when it is dropped, and rustls' `OkmBlock` and
+//! `Tag` zero themselves; the provider's HKDF instead kept the extract's salt in a heap copy
+//! freed unwiped. aws-lc-rs returns each HMAC output as a plain `Tag` value, not erased: a
+//! copy of each PRK and derived secret stays in dead stack memory until overwritten, like
+//! the stack buffer of the provider's own `expand_block` (README, "What is wiped").
 
 use aws_lc_rs::hmac;
 use rustls::crypto::hmac::{Hmac, Key, Tag};
@@ -56,6 +59,10 @@ impl Hkdf for PreparedKeyHkdf {
     fn hmac_sign(&self, key: &OkmBlock, message: &[u8]) -> Tag {
         self.0.with_key(key.as_ref()).sign(&[message])
     }
+
+    fn fips(&self) -> bool {
+        self.0.fips()
+    }
 }
 
 /// rustls' `Hmac` over aws-lc-rs (the provider's own adapter is private to rustls).
@@ -68,6 +75,11 @@ impl Hmac for AwsLcHmac {
 
     fn hash_output_len(&self) -> usize {
         self.0.digest_algorithm().output_len()
+    }
+
+    /// As the provider's suites report it: aws-lc built in FIPS mode.
+    fn fips(&self) -> bool {
+        aws_lc_rs::try_fips_mode().is_ok()
     }
 }
 

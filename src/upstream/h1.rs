@@ -84,8 +84,12 @@ impl Pool {
             self.park(conn);
             return;
         }
+        // A body can be dropped outside the runtime (as it shuts down): the connection closes.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let pool = self.clone();
-        tokio::spawn(async move {
+        rt.spawn(async move {
             if conn.sender.ready().await.is_ok() {
                 pool.park(conn);
             }
@@ -93,12 +97,11 @@ impl Pool {
     }
 
     fn park(&self, mut conn: Conn) {
-        if conn.generation != self.generation.load(Ordering::Acquire) {
-            return;
-        }
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
+        // Read under the lock: `prune(true)` bumps it before taking the lock to empty the
+        // pool, so a connection to an old address is either refused here or emptied there.
+        if conn.generation == self.generation.load(Ordering::Acquire) && idle.len() < MAX_IDLE {
             idle.push(conn);
         }
     }
