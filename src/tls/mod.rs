@@ -1,4 +1,4 @@
-//! TLS termination: the policy (`policy`, with the key schedule's HKDF in `hkdf`), certificates and SNI (`certs`), the handshake with
+//! TLS termination: the policy (`policy`), certificates and SNI (`certs`), the handshake with
 //! its failure classification (`accept`), forced key updates (`rekey`), and the client stream
 //! handed to HTTP (`stream`, which holds HTTP/2's `first_flight` for the first response), the per-address handshake rate (`rate`) and the connection
 //! age limit (`max_age`).
@@ -8,7 +8,6 @@ pub mod accept;
 pub mod certs;
 pub mod client_cert;
 mod first_flight;
-mod hkdf;
 pub mod keylog;
 pub mod max_age;
 pub mod policy;

@@ -4,13 +4,11 @@
 //! Used by `tls::accept` to build each listener's `ServerConfig`; the unit tests below assert
 //! each property of the built config.
 
-use super::hkdf::{HKDF_SHA256, HKDF_SHA384};
 use crate::config::Group;
 use rustls::crypto::aws_lc_rs::{self, cipher_suite, kx_group};
-use rustls::crypto::tls13::Hkdf;
 use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::server::{NoServerSessionStorage, ResolvesServerCert};
-use rustls::{CipherSuiteCommon, ServerConfig, SupportedCipherSuite, Tls13CipherSuite};
+use rustls::{ServerConfig, SupportedCipherSuite};
 use std::sync::Arc;
 
 /// The only protocol version.
@@ -19,36 +17,11 @@ pub const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::T
 /// Server preference order. AES-128-GCM first: it is as strong as needed, and SHA-256 has
 /// hardware support where SHA-384 often does not (the design notes measured ~22% less user CPU
 /// per handshake than letting OpenSSL clients pick AES-256-GCM-SHA384; see README).
-/// aws-lc-rs' suites, each with the key schedule's HKDF from `tls::hkdf` (same AEADs, same
-/// hashes, half the SHA-256 work per handshake).
-pub static CIPHER_SUITES: [SupportedCipherSuite; 3] = [
-    SupportedCipherSuite::Tls13(&AES_128_GCM_SHA256),
-    SupportedCipherSuite::Tls13(&AES_256_GCM_SHA384),
-    SupportedCipherSuite::Tls13(&CHACHA20_POLY1305_SHA256),
+pub const CIPHER_SUITES: [SupportedCipherSuite; 3] = [
+    cipher_suite::TLS13_AES_128_GCM_SHA256,
+    cipher_suite::TLS13_AES_256_GCM_SHA384,
+    cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
 ];
-
-static AES_128_GCM_SHA256: Tls13CipherSuite =
-    with_hkdf(cipher_suite::TLS13_AES_128_GCM_SHA256, &HKDF_SHA256);
-static AES_256_GCM_SHA384: Tls13CipherSuite =
-    with_hkdf(cipher_suite::TLS13_AES_256_GCM_SHA384, &HKDF_SHA384);
-static CHACHA20_POLY1305_SHA256: Tls13CipherSuite =
-    with_hkdf(cipher_suite::TLS13_CHACHA20_POLY1305_SHA256, &HKDF_SHA256);
-
-const fn with_hkdf(suite: SupportedCipherSuite, hkdf: &'static dyn Hkdf) -> Tls13CipherSuite {
-    let SupportedCipherSuite::Tls13(s) = suite else {
-        panic!("a TLS 1.3 suite")
-    };
-    Tls13CipherSuite {
-        common: CipherSuiteCommon {
-            suite: s.common.suite,
-            hash_provider: s.common.hash_provider,
-            confidentiality_limit: s.common.confidentiality_limit,
-        },
-        hkdf_provider: hkdf,
-        aead_alg: s.aead_alg,
-        quic: s.quic,
-    }
-}
 
 /// ALPN protocols offered, in server preference order.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -196,10 +169,10 @@ mod tests {
         );
     }
 
-    /// Our suites carry our own HKDF (`tls::hkdf`): a client with aws-lc-rs' stock provider
-    /// must agree on every key for each suite, the handshake's and the traffic keys both ways.
+    /// Each of the three suites can be negotiated alone (a client offering only it) and
+    /// carries application data both ways.
     #[test]
-    fn each_suite_interoperates_with_the_stock_provider() {
+    fn each_suite_is_negotiated_and_carries_data() {
         use std::io::{Read, Write};
         for suite in [
             cipher_suite::TLS13_AES_128_GCM_SHA256,
