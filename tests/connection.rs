@@ -98,6 +98,53 @@ async fn a_client_done_with_its_request_is_not_waited_for() {
     }
 }
 
+#[tokio::test]
+async fn a_done_client_with_bytes_still_arriving_gets_our_fin_before_the_drain() {
+    // The client asked for the close and sent no body, but keeps sending (as a pipelining
+    // client would): the proxy drains, and its FIN must come before that drain, not after
+    // LINGER, so that a client waiting for the end of the connection is not kept waiting.
+    let _serial = serial().await;
+    let certs = Certs::new(&["localhost"]);
+    let backend = start_backend().await;
+    let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
+    let tls = tls_connect(
+        proxy.addr,
+        "localhost",
+        client_config(&certs.ca_der(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let len = 1024 * 1024;
+    let req = format!("GET /bytes/{len} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let writer = tokio::spawn(async move {
+        wr.write_all(req.as_bytes()).await.unwrap();
+        let junk = vec![b'x'; 16 * 1024];
+        for _ in 0..64 {
+            if wr.write_all(&junk).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.flush().await;
+        wr
+    });
+    let mut got = Vec::new();
+    // Ends at the proxy's close_notify.
+    tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.len() > len, "response truncated: {} bytes", got.len());
+    let wr = writer.await.unwrap();
+    let (mut tcp, _) = rd.unsplit(wr).into_inner();
+    // After close_notify only the FIN can come (a RST would be an error).
+    let mut rest = [0u8; 64];
+    let eof = tokio::time::timeout(ephemera::tls::stream::LINGER * 3 / 5, tcp.read(&mut rest))
+        .await
+        .expect("no FIN from the proxy before LINGER");
+    assert_eq!(eof.unwrap(), 0, "bytes after close_notify");
+}
+
 /// Counts TLS records arriving from the server (parses the 5-byte record headers).
 struct RecordCounter<S> {
     inner: S,

@@ -25,8 +25,10 @@
 //! sent its whole request, and no forced KeyUpdate awaits its answer) and nothing of it is
 //! waiting in the socket: such a client may send no further request (RFC 9112 §9.6) and
 //! nothing else before it has read our close_notify, so the socket closes at once, much like
-//! nginx's `lingering_close on`, instead of waiting out the client's round trip. The check
-//! is one moment's: late bytes of a client that breaks the rule draw a RST (as with nginx).
+//! nginx's `lingering_close on`, instead of waiting out the client's round trip; our FIN then
+//! goes with the close (no shutdown call), or before the drain if bytes of it are waiting. The
+//! check is one moment's: late bytes of a client that breaks the rule draw a RST (as with
+//! nginx).
 
 use super::first_flight::FirstFlight;
 use super::rekey::{Decision, Rekey, Trigger};
@@ -61,6 +63,8 @@ pub struct Closed {
     /// The client is done (see `LastResponse::set_client_done`) and was sent no KeyUpdate:
     /// the close need not wait for it unless bytes of it are already waiting.
     pub client_done: bool,
+    /// close_notify went out but not our FIN: it goes with the close, or before a drain.
+    pub fin_at_close: bool,
 }
 
 /// An established client connection: TLS, forced key updates, return-on-drop.
@@ -79,6 +83,8 @@ pub struct ClientStream {
     on_drop: Option<oneshot::Sender<Box<Closed>>>,
     /// close_notify and FIN were sent (hyper shut the stream down itself).
     shut_down: bool,
+    /// ... but the FIN was left for the close (the client was done).
+    fin_at_close: bool,
     /// Forced key updates so far, readable by the HTTP layer (access log).
     updates_seen: Arc<AtomicU64>,
     /// Flushes may be held back while input waits (see the module comment): HTTP/2.
@@ -184,6 +190,7 @@ impl ClientStream {
             accepted,
             on_drop: Some(tx),
             shut_down: false,
+            fin_at_close: false,
             updates_seen: Arc::new(AtomicU64::new(0)),
             coalesce,
             owed: false,
@@ -373,8 +380,8 @@ impl Drop for ClientStream {
                 stream,
                 shut_down: self.shut_down,
                 peer_done: self.peer_done(),
-                client_done: self.last.client_done.load(Ordering::Relaxed)
-                    && self.rekey.updates == 0,
+                client_done: self.client_done(),
+                fin_at_close: self.fin_at_close,
             }));
         }
     }
@@ -400,6 +407,10 @@ impl ClientStream {
     /// some answer a KeyUpdate still: Go after `CloseWrite`).
     fn peer_done(&self) -> bool {
         self.peer_fin || self.peer_closed && self.rekey.updates == 0
+    }
+
+    fn client_done(&self) -> bool {
+        self.last.client_done.load(Ordering::Relaxed) && self.rekey.updates == 0
     }
 
     fn failure(&self) -> Option<io::Error> {
@@ -517,6 +528,18 @@ impl AsyncWrite for ClientStream {
             }
             return r;
         }
+        if self.client_done() {
+            // close_notify now; our FIN either goes with the close or, if bytes of the
+            // client turn out to be waiting, before the drain (`close_lingering` looks).
+            // Most closes then take no shutdown call.
+            self.io().get_mut().get_mut().1.send_close_notify();
+            let r = self.flush_now(cx);
+            if let Poll::Ready(Ok(())) = r {
+                self.shut_down = true;
+                self.fin_at_close = true;
+            }
+            return r;
+        }
         let r = self.io().poll_shutdown(cx);
         if r.is_ready() {
             self.shut_down = true;
@@ -534,6 +557,7 @@ pub async fn close_lingering(closed: Box<Closed>) {
         mut shut_down,
         peer_done,
         client_done,
+        fin_at_close,
     } = *closed;
     let deadline = tokio::time::Instant::now() + LINGER;
     if peer_done {
@@ -552,6 +576,10 @@ pub async fn close_lingering(closed: Box<Closed>) {
     let (mut tcp, _) = stream.into_inner();
     if client_done && shut_down && nothing_waiting(&tcp) {
         return;
+    }
+    if fin_at_close {
+        // The client is told we are done before we wait for it to be.
+        let _ = tokio::time::timeout_at(deadline, tcp.shutdown()).await;
     }
     let mut buf = [0u8; 4096];
     while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
