@@ -249,27 +249,11 @@ async fn round_robin_skips_a_refusing_server() {
 
 #[tokio::test]
 async fn keep_alive_connections_to_the_backend_are_reused() {
-    // A backend that counts accepted connections.
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (sock, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(full("pooled")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                    .await;
-            });
-        }
-    });
+    use std::sync::atomic::Ordering;
+    let (backend, accepted) = start_counting_backend(|_req| async {
+        Ok::<_, std::convert::Infallible>(hyper::Response::new(full("pooled")))
+    })
+    .await;
     let certs = Certs::new(&["localhost"]);
     let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
     let mut c = HttpClient::connect(proxy.addr, &certs.ca_der(), false).await;
@@ -289,49 +273,31 @@ async fn keep_alive_connections_to_the_backend_are_reused() {
 /// over HTTP/1.1 and HTTP/2 (whose servers stop polling a body once it says it has ended).
 #[tokio::test]
 async fn backend_connections_return_to_the_pool_after_every_kind_of_body() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (sock, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let resp = match req.uri().path() {
-                            "/none" => hyper::Response::builder()
-                                .status(204)
-                                .body(empty())
-                                .unwrap(),
-                            "/big" => hyper::Response::new(full(vec![b'x'; 300_000])),
-                            "/chunked" => {
-                                let frames = (0..5).map(|i| {
-                                    Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from(
-                                        vec![b'0' + i; 10_000],
-                                    )))
-                                });
-                                hyper::Response::new(
-                                    http_body_util::StreamBody::new(futures_util::stream::iter(
-                                        frames,
-                                    ))
-                                    .boxed(),
-                                )
-                            }
-                            _ => hyper::Response::new(full("pooled")),
-                        };
-                        Ok::<_, std::convert::Infallible>(resp)
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                    .await;
-            });
-        }
-    });
+    use std::sync::atomic::Ordering;
+    let (backend, accepted) =
+        start_counting_backend(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let resp = match req.uri().path() {
+                "/none" => hyper::Response::builder()
+                    .status(204)
+                    .body(empty())
+                    .unwrap(),
+                "/big" => hyper::Response::new(full(vec![b'x'; 300_000])),
+                "/chunked" => {
+                    let frames = (0..5).map(|i| {
+                        Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from(vec![
+                            b'0' + i;
+                            10_000
+                        ])))
+                    });
+                    hyper::Response::new(
+                        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed(),
+                    )
+                }
+                _ => hyper::Response::new(full("pooled")),
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        })
+        .await;
     let certs = Certs::new(&["localhost"]);
     let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
     for h2 in [false, true] {
@@ -536,37 +502,21 @@ async fn routing_host_and_backend_host_cannot_disagree() {
 
 #[tokio::test]
 async fn http10_requests_reuse_pooled_backend_connections() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (sock, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let host = req
-                            .headers()
-                            .get("host")
-                            .map(|h| h.to_str().unwrap_or("").to_string())
-                            .unwrap_or_default();
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(full(format!(
-                            "host={host} version={:?}",
-                            req.version()
-                        ))))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                    .await;
-            });
-        }
-    });
+    let (backend, accepted) =
+        start_counting_backend(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let host = req
+                .headers()
+                .get("host")
+                .map(|h| h.to_str().unwrap_or("").to_string())
+                .unwrap_or_default();
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(full(format!(
+                "host={host} version={:?}",
+                req.version()
+            ))))
+        })
+        .await;
     let certs = Certs::new(&["localhost"]);
     let proxy = Proxy::start(&config_yaml(&certs, Some(&[backend]), "", "", "")).await;
     for i in 0..5 {

@@ -53,7 +53,8 @@ pub type ServerTls = TlsStream<TcpStream>;
 /// What the connection task gets back when the `ClientStream` is dropped.
 pub struct Closed {
     pub stream: ServerTls,
-    /// close_notify (and FIN, unless `peer_done`) already went out: do not send them again.
+    /// close_notify already went out, and our FIN too unless `peer_done` or `client_done`
+    /// (then it goes with the close, or before a drain).
     pub shut_down: bool,
     /// The client's FIN was read, or its close_notify with no KeyUpdate of ours to answer:
     /// nothing more can arrive, so there is nothing to drain, and closing the socket sends
@@ -63,8 +64,6 @@ pub struct Closed {
     /// The client is done (see `LastResponse::set_client_done`) and was sent no KeyUpdate:
     /// the close need not wait for it unless bytes of it are already waiting.
     pub client_done: bool,
-    /// close_notify went out but not our FIN: it goes with the close, or before a drain.
-    pub fin_at_close: bool,
 }
 
 /// An established client connection: TLS, forced key updates, return-on-drop.
@@ -81,10 +80,9 @@ pub struct ClientStream {
     /// Boxed: a channel of `Closed` would hold room for the TLS stream (over 1 KiB) for
     /// the whole life of the connection.
     on_drop: Option<oneshot::Sender<Box<Closed>>>,
-    /// close_notify and FIN were sent (hyper shut the stream down itself).
+    /// close_notify and FIN were sent (hyper shut the stream down itself); the FIN is left
+    /// for the close when the client was done (see `Closed::shut_down`).
     shut_down: bool,
-    /// ... but the FIN was left for the close (the client was done).
-    fin_at_close: bool,
     /// Forced key updates so far, readable by the HTTP layer (access log).
     updates_seen: Arc<AtomicU64>,
     /// Flushes may be held back while input waits (see the module comment): HTTP/2.
@@ -190,7 +188,6 @@ impl ClientStream {
             accepted,
             on_drop: Some(tx),
             shut_down: false,
-            fin_at_close: false,
             updates_seen: Arc::new(AtomicU64::new(0)),
             coalesce,
             owed: false,
@@ -381,7 +378,6 @@ impl Drop for ClientStream {
                 shut_down: self.shut_down,
                 peer_done: self.peer_done(),
                 client_done: self.client_done(),
-                fin_at_close: self.fin_at_close,
             }));
         }
     }
@@ -536,7 +532,6 @@ impl AsyncWrite for ClientStream {
             let r = self.flush_now(cx);
             if let Poll::Ready(Ok(())) = r {
                 self.shut_down = true;
-                self.fin_at_close = true;
             }
             return r;
         }
@@ -557,7 +552,6 @@ pub async fn close_lingering(closed: Box<Closed>) {
         mut shut_down,
         peer_done,
         client_done,
-        fin_at_close,
     } = *closed;
     let deadline = tokio::time::Instant::now() + LINGER;
     if peer_done {
@@ -577,8 +571,9 @@ pub async fn close_lingering(closed: Box<Closed>) {
     if client_done && shut_down && nothing_waiting(&tcp) {
         return;
     }
-    if fin_at_close {
-        // The client is told we are done before we wait for it to be.
+    if client_done && shut_down {
+        // poll_shutdown left our FIN for the close: the client is told we are done before we
+        // wait for it to be.
         let _ = tokio::time::timeout_at(deadline, tcp.shutdown()).await;
     }
     let mut buf = [0u8; 4096];

@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -539,22 +540,35 @@ pub async fn start_ticketing_server(certs: &Certs) -> SocketAddr {
 /// - `/slow/MS`: answers after MS milliseconds;
 /// - anything else: `backend ok`.
 pub async fn start_backend() -> SocketAddr {
+    start_counting_backend(backend_handler).await.0
+}
+
+/// A real hyper HTTP/1.1 backend on port 0 answering with `handler`, and the number of
+/// connections it has accepted (for tests of the proxy's connection pool).
+pub async fn start_counting_backend<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<TestBody>, Infallible>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
                 continue;
             };
+            count.fetch_add(1, Ordering::SeqCst);
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = service_fn(backend_handler);
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(sock), svc)
+                    .serve_connection(TokioIo::new(sock), service_fn(handler))
                     .await;
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 pub async fn backend_handler(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
