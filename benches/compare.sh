@@ -26,7 +26,7 @@
 #   MODE=proxy         proxy: the servers proxy to the shared backend; respond: they answer
 #   CLIENTS="s_time loadgen h2load"   which loads to run (any subset, in this order)
 #   DURATION=10        seconds of load per server per round per client
-#   ROUNDS=2           how many times the whole set (ephemera, nginx, haproxy) is measured
+#   ROUNDS=2           how many times the whole set (ephemera, nginx, haproxy, bare) is measured
 #   LG_CONNS=8         ephemera loadgen concurrent connections (handshake mode)
 #   LG_ALPN=h2         the protocol loadgen offers and must get: h2, or http/1.1 (then each
 #                      request says Connection: close, as a one-request HTTP/1.1 client does)
@@ -42,7 +42,11 @@
 #                      Unset: measure at once, whatever else runs (the table shows it).
 #   LOAD_WAIT=600
 #   RETRIES=3
+#   BARE=1             also measure the bare loop (benches/bare_loop.rs): a tokio-rustls + hyper
+#                      server with ephemera's TLS policy that answers "ok" itself in both modes,
+#                      the reference the handshake target is stated against; BARE=0 leaves it out
 #   EPHEMERA_BIN=      use this binary instead of building (cargo build --release --locked)
+#   BARE_BIN=          the bare loop's binary (default: cargo build --release --example bare_loop)
 #   CARGO_TARGET_DIR   respected by the build
 #   KEEP_TMP=1         keep the temporary directory (configs, logs, client outputs)
 set -euo pipefail
@@ -62,7 +66,9 @@ LG_ALPN=${LG_ALPN:-h2}
 H2_CONNS=${H2_CONNS:-8}
 H2_STREAMS=${H2_STREAMS:-10}
 SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+BARE=${BARE:-1}
 SERVERS=(ephemera nginx haproxy)
+[[ $BARE = 1 ]] && SERVERS+=(bare)
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 export LC_ALL=C
@@ -141,6 +147,17 @@ else
     [[ $EPH = /* ]] || EPH=$ROOT/$EPH
 fi
 [[ -x $EPH ]] || die "ephemera binary not found at $EPH"
+if [[ $BARE = 1 ]]; then
+    if [[ -n ${BARE_BIN:-} ]]; then
+        BARE_EXE=$BARE_BIN
+    else
+        log "building the bare loop (release example bare_loop)"
+        (cd "$ROOT" && cargo build --release --locked --example bare_loop) >&2
+        BARE_EXE=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bare_loop
+        [[ $BARE_EXE = /* ]] || BARE_EXE=$ROOT/$BARE_EXE
+    fi
+    [[ -x $BARE_EXE ]] || die "bare loop binary not found at $BARE_EXE"
+fi
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ephemera-bench.XXXXXX")
 declare -A PID=() PIDS=() PORT=()
@@ -400,6 +417,7 @@ fi
 start ephemera env EPHEMERA_LOG=warn "$EPH" serve --config "$TMP/ephemera.yaml"
 start nginx nginx -p "$TMP/nginx/" -c "$TMP/nginx.conf" -e "$TMP/nginx-error.log" -g 'daemon off;'
 start haproxy env OPENSSL_CONF="$TMP/haproxy-openssl.cnf" haproxy -db -f "$TMP/haproxy.cfg"
+[[ $BARE = 1 ]] && start bare "$BARE_EXE" --listen "127.0.0.1:${PORT[bare]}" --cert "$CRT" --key "$KEY"
 
 children_of() {
     local f st
@@ -424,6 +442,7 @@ done
 sleep 0.5
 PIDS[ephemera]=${PID[ephemera]}
 PIDS[haproxy]=${PID[haproxy]}
+[[ $BARE = 1 ]] && PIDS[bare]=${PID[bare]}
 workers=$(children_of "${PID[nginx]}" | tr '\n' ' ')
 [[ -n $workers ]] || die "nginx master ${PID[nginx]} has no worker process"
 PIDS[nginx]="${PID[nginx]} ${workers% }"
@@ -489,10 +508,13 @@ verify() {
         die "$s: default client (X25519 key share) did not get X25519: $(grep 'Temp Key' "$out.default")"
     { grep -q '^HTTP/1\.[01] 200' "$out.default" && grep -q '^ok' "$out.default"; } ||
         die "$s: response is not '200 ... ok': $(grep -A8 '^HTTP/' "$out.default" | sed -n 1,8p)"
-    if [[ $MODE = proxy ]] && ! grep -qi '^X-Bench-Backend: 1' "$out.default"; then
+    # The bare loop answers itself in both modes: it is the no-proxying reference.
+    local proxied=0
+    [[ $MODE = proxy && $s != bare ]] && proxied=1
+    if ((proxied)) && ! grep -qi '^X-Bench-Backend: 1' "$out.default"; then
         die "$s: the response did not come from the backend (no X-Bench-Backend header): $(grep -A8 '^HTTP/' "$out.default" | sed -n 1,8p)"
     fi
-    [[ $MODE = proxy ]] && forwarded "$s"
+    ((proxied)) && forwarded "$s"
     if grep -q 'New Session Ticket' "$out.default" || [[ -e $out.sess ]]; then
         die "$s issues TLS 1.3 session tickets (policy not equivalent): $(grep -c 'New Session Ticket' "$out.default") NewSessionTicket message(s)"
     fi
@@ -515,7 +537,7 @@ verify() {
     { grep -q '^Application protocol: h2' "$out.h2" && grep -q ' 4 succeeded, 0 failed, 0 errored' "$out.h2" &&
         grep -q '^status codes: 4 2xx' "$out.h2"; } ||
         die "$s: HTTP/2 check with h2load failed: $(grep -E '^(Application|requests|status)' "$out.h2")"
-    log "$s: policy OK (TLS 1.3 only; AES-128-GCM chosen over the client's order; X25519/P-256/P-384 yes, FFDHE no; no ticket; chain verifies; 200 ok$([[ $MODE = proxy ]] && echo ' from the backend, the same forwarding headers'); h2 by ALPN)"
+    log "$s: policy OK (TLS 1.3 only; AES-128-GCM chosen over the client's order; X25519/P-256/P-384 yes, FFDHE no; no ticket; chain verifies; 200 ok$( ((proxied)) && echo ' from the backend, the same forwarding headers'); h2 by ALPN)"
 }
 for s in "${SERVERS[@]}"; do verify "$s"; done
 
@@ -736,6 +758,7 @@ OPENSSL_V=$(openssl version)
 
 CMD="DURATION=$DURATION ROUNDS=$ROUNDS"
 [[ $MODE != proxy ]] && CMD="MODE=$MODE $CMD"
+[[ $BARE != 1 ]] && CMD="BARE=$BARE $CMD"
 [[ -n $MAX_BUSY ]] && CMD="$CMD MAX_BUSY=$MAX_BUSY"
 [[ $CLIENTS != "s_time loadgen h2load" ]] && CMD="CLIENTS=\"$CLIENTS\" $CMD"
 [[ $LG_CONNS != 8 ]] && CMD="LG_CONNS=$LG_CONNS $CMD"
@@ -745,6 +768,9 @@ if [[ $MODE = proxy ]]; then
     MODE_TEXT="**proxy mode**: each server proxies every request to the same plain-HTTP/1.1 backend (a separate nginx $NGINX_NUM answering \"ok\", pinned to CPU $CLIENT_CPU with the client) over pooled keep-alive connections (ephemera upstream pool; nginx \`keepalive $NGINX_KEEPALIVE\`; HAProxy \`http-reuse always\`)"
 else
     MODE_TEXT="**respond mode**: each server answers \"ok\" itself (no backend)"
+fi
+if [[ $BARE = 1 ]]; then
+    MODE_TEXT="$MODE_TEXT; **bare**: the bare loop (\`benches/bare_loop.rs\`: tokio-rustls + hyper-util's HTTP/1.1 + HTTP/2 builder with ephemera's TLS policy, one current-thread runtime, the system allocator), which answers \"ok\" itself in both modes: the reference the handshake target is stated against (\"the full proxy no heavier than that bare loop\")"
 fi
 report_client() { # client
     local c=$1 rf=$TMP/results-$1.tsv unit title load latname
@@ -804,7 +830,7 @@ report_client() { # client
         if (!(s in lo) || v < lo[s]) lo[s] = v
         if (!(s in hi) || v > hi[s]) hi[s] = v
     } END {
-        k = split("ephemera nginx haproxy", order, " ")
+        k = split("ephemera nginx haproxy bare", order, " ")
         base = (conns["ephemera"] > 0 ? ticks["ephemera"] * scale["ephemera"] / conns["ephemera"] : 0)
         for (i = 1; i <= k; i++) {
             s = order[i]
@@ -820,17 +846,19 @@ report_client() { # client
         printf "Per-round ratios of server CPU:"
         for (r = 1; r <= R; r++) {
             e = v[r, "ephemera"]
-            if (e > 0) printf " round %d: nginx/ephemera %.2f, haproxy/ephemera %.2f%s", r,
-                v[r, "nginx"] / e, v[r, "haproxy"] / e, (r < R ? ";" : "")
+            if (e > 0) printf " round %d: nginx/ephemera %.2f, haproxy/ephemera %.2f%s%s", r,
+                v[r, "nginx"] / e, v[r, "haproxy"] / e,
+                ((r, "bare") in v ? sprintf(", bare/ephemera %.2f", v[r, "bare"] / e) : ""), (r < R ? ";" : "")
             if (r in busy) continue
             if (e > 0 && v[r, "nginx"] > 0) ng[++nn] = e / v[r, "nginx"]
             if (e > 0 && v[r, "haproxy"] > 0) hp[++nh] = e / v[r, "haproxy"]
+            if (e > 0 && v[r, "bare"] > 0) ba[++nb] = e / v[r, "bare"]
         }
         printf ".\n"
-        # Each round measures the three servers within a minute of each other: the median of
-        # the per-round ratios is less moved by a slow minute of the host than the sums above.
+        # Each round measures the servers within a minute of each other: the median of the
+        # per-round ratios is less moved by a slow minute of the host than the sums above.
         # Rounds with a row marked ! (other processes over MAX_BUSY) are left out of it.
-        if (nn && nh) printf "\nMedian of the per-round ratios (%d round(s) without a ! row): ephemera at **%.2f×** nginx'"'"'s and **%.2f×** HAProxy'"'"'s server CPU per %s.\n", nn, median(ng, nn), median(hp, nh), unit
+        if (nn && nh) printf "\nMedian of the per-round ratios (%d round(s) without a ! row): ephemera at **%.2f×** nginx'"'"'s and **%.2f×** HAProxy'"'"'s server CPU per %s%s.\n", nn, median(ng, nn), median(hp, nh), unit, (nb ? sprintf(", and at **%.2f×** the bare loop'"'"'s", median(ba, nb)) : "")
         else printf "\nNo round without a ! row: no median.\n" }
     function median(a, n,   i, j, t) {
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
@@ -839,7 +867,7 @@ report_client() { # client
 }
 {
     echo
-    echo "## ephemera vs nginx vs HAProxy: server CPU ($MODE mode)"
+    echo "## ephemera vs nginx vs HAProxy$([[ $BARE = 1 ]] && echo ' (and the bare loop)'): server CPU ($MODE mode)"
     echo
     echo "- date: $START_DATE; command: \`$CMD bash benches/compare.sh\`"
     echo "- machine: nproc=$NCPU, ${MODEL:-unknown CPU}, kernel $(uname -r); servers pinned to CPU $SERVER_CPU, clients$([[ $MODE = proxy ]] && echo ' and backend') to CPU $CLIENT_CPU; CLK_TCK=$CLK_TCK; load average before/after: $LOAD_BEFORE / $(cut -d' ' -f1-3 /proc/loadavg)"
