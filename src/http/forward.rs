@@ -59,17 +59,24 @@ pub struct ForwardedFor {
 
 impl ForwardedFor {
     pub fn new(peer: &SocketAddr) -> ForwardedFor {
-        let ip = client_ip(peer);
-        let node = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        };
-        let ip = ip.to_string();
+        let addr = client_ip(peer);
+        // Formatted once: the element reuses the text (an IPv6 node is quoted and bracketed).
+        let ip = addr.to_string();
+        let mut element = String::with_capacity(ip.len() + 20);
+        element.push_str("for=");
+        if addr.is_ipv6() {
+            element.push_str("\"[");
+            element.push_str(&ip);
+            element.push_str("]\"");
+        } else {
+            element.push_str(&ip);
+        }
+        element.push_str(";proto=https");
         ForwardedFor {
             // Digits, dots, colons and hex letters only: always a valid header value.
             ip_value: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
             ip,
-            element: format!("for={node};proto=https"),
+            element,
         }
     }
 }
