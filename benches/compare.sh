@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Server CPU per full TLS 1.3 handshake and per keep-alive HTTP/2 request: ephemera vs nginx
-# vs HAProxy, side by side.
+# vs HAProxy (and the bare loop, benches/bare_loop.rs), side by side.
 #
 #   bash benches/compare.sh                      # DURATION=10 ROUNDS=2 MODE=proxy
 #   DURATION=20 ROUNDS=3 bash benches/compare.sh
@@ -67,6 +67,7 @@ H2_CONNS=${H2_CONNS:-8}
 H2_STREAMS=${H2_STREAMS:-10}
 SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
 BARE=${BARE:-1}
+[[ $BARE = 0 || $BARE = 1 ]] || { echo "BARE must be 0 or 1, not '$BARE'" >&2; exit 2; }
 SERVERS=(ephemera nginx haproxy)
 [[ $BARE = 1 ]] && SERVERS+=(bare)
 
