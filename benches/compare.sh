@@ -67,7 +67,6 @@ H2_CONNS=${H2_CONNS:-8}
 H2_STREAMS=${H2_STREAMS:-10}
 SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
 BARE=${BARE:-1}
-[[ $BARE = 0 || $BARE = 1 ]] || { echo "BARE must be 0 or 1, not '$BARE'" >&2; exit 2; }
 SERVERS=(ephemera nginx haproxy)
 [[ $BARE = 1 ]] && SERVERS+=(bare)
 
@@ -86,6 +85,7 @@ die() {
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
 [[ -z $MAX_BUSY || $MAX_BUSY =~ ^[0-9]+$ ]] || die "MAX_BUSY must be an integer percentage, got '$MAX_BUSY'"
 [[ $MODE = proxy || $MODE = respond ]] || die "MODE must be proxy or respond, got '$MODE'"
+[[ $BARE = 0 || $BARE = 1 ]] || die "BARE must be 0 or 1, got '$BARE'"
 for c in $CLIENTS; do
     [[ $c = s_time || $c = loadgen || $c = h2load ]] || die "CLIENTS: unknown client '$c' (s_time, loadgen, h2load)"
 done
