@@ -56,8 +56,10 @@ impl Shared {
 }
 
 /// Run every worker to the end of the schedule. A first Ctrl-C stops issuing requests and
-/// lets those in flight finish; a second abandons them. Returns the run's wall time.
-pub async fn run(shared: Arc<Shared>) -> Duration {
+/// lets those in flight finish; a second abandons them. Returns the run's wall time, or what
+/// a worker panicked with: the others are stopped, since a report missing that worker's
+/// share would pass for a complete one.
+pub async fn run(shared: Arc<Shared>) -> Result<Duration, String> {
     let mut workers = JoinSet::new();
     for id in 0..shared.connections {
         let sh = shared.clone();
@@ -67,13 +69,18 @@ pub async fn run(shared: Arc<Shared>) -> Duration {
         };
     }
     let mut interrupts = 0;
+    let mut panicked = None;
     loop {
         tokio::select! {
-            next = workers.join_next() => {
-                if next.is_none() {
-                    break;
+            next = workers.join_next() => match next {
+                None => break,
+                Some(Err(e)) if e.is_panic() && panicked.is_none() => {
+                    panicked = Some(panic_message(e.into_panic()));
+                    shared.schedule.stop();
+                    workers.abort_all();
                 }
-            }
+                Some(_) => {}
+            },
             Ok(()) = tokio::signal::ctrl_c(), if interrupts < 2 => {
                 interrupts += 1;
                 shared.schedule.stop();
@@ -83,7 +90,19 @@ pub async fn run(shared: Arc<Shared>) -> Duration {
             }
         }
     }
-    shared.schedule.start().elapsed()
+    match panicked {
+        Some(message) => Err(message),
+        None => Ok(shared.schedule.start().elapsed()),
+    }
+}
+
+pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "(no message)".to_string(), |s| s.to_string()),
+    }
 }
 
 /// Handshake mode: one fresh connection per request.

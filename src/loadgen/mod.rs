@@ -61,6 +61,9 @@ pub enum LoadgenError {
     /// The client's runtime could not start.
     #[error("cannot start the client runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    /// A load worker panicked (a bug in loadgen): the run is incomplete, so no report.
+    #[error("a load worker failed unexpectedly, so the run is incomplete: {0}")]
+    WorkerPanicked(String),
     /// Every attempt failed; `kind` is the most frequent error.
     #[error(
         "every request failed ({count} of {attempts} with {kind}): {example}{}",
@@ -118,6 +121,9 @@ pub async fn run(opts: Options) -> Result<(Report, Option<LoadgenError>), Loadge
     .await;
     match joined {
         Ok(out) => out,
+        Err(e) if e.is_panic() => Err(LoadgenError::WorkerPanicked(drive::panic_message(
+            e.into_panic(),
+        ))),
         Err(e) => Err(LoadgenError::Runtime(std::io::Error::other(e.to_string()))),
     }
 }
@@ -147,6 +153,7 @@ async fn run_here(opts: Options) -> Result<(Report, Option<LoadgenError>), Loadg
     let progress = progress::Progress::start(shared.clone());
     let elapsed = drive::run(shared.clone()).await;
     progress.finish();
+    let elapsed = elapsed.map_err(LoadgenError::WorkerPanicked)?;
 
     let server_cpu = match (pid.as_deref(), server_before) {
         (Some(p), Some(before)) => match proc_cpu::read(p) {

@@ -12,6 +12,15 @@ use std::time::Duration;
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// The largest request body (it is held in memory once and shared by every request).
 const MAX_BODY: u64 = 1 << 30;
+/// The longest run: far beyond any load test, and every deadline computed from it is a
+/// representable instant.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest wait for one attempt.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The slowest open-loop rate: one request every 1,000 s.
+const MIN_RATE: f64 = 0.001;
+/// The most client worker threads (each is an OS thread with its own stack).
+const MAX_THREADS: usize = 1024;
 
 /// `ephemera loadgen` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -229,16 +238,31 @@ impl Options {
         if a.duration.is_some_and(|d| d.is_zero()) {
             return Err(range("--duration", "must be more than 0"));
         }
+        if a.duration.is_some_and(|d| d > MAX_DURATION) {
+            return Err(range("--duration", "at most 366 days"));
+        }
         if let Some(r) = a.rate
             && !(r.is_finite() && r > 0.0)
         {
             return Err(range("--rate", "must be a positive number per second"));
         }
+        if a.rate.is_some_and(|r| r < MIN_RATE) {
+            return Err(range(
+                "--rate",
+                "at least 0.001 per second (one request every 1000 s)",
+            ));
+        }
         if a.threads == Some(0) {
             return Err(range("--threads", "must be at least 1"));
         }
+        if a.threads.is_some_and(|t| t > MAX_THREADS) {
+            return Err(range("--threads", "at most 1024"));
+        }
         if a.timeout.is_zero() {
             return Err(range("--timeout", "must be more than 0"));
+        }
+        if a.timeout > MAX_TIMEOUT {
+            return Err(range("--timeout", "at most 24 hours"));
         }
         if a.body_size > MAX_BODY {
             return Err(range("--body-size", "at most 1 GiB"));
@@ -265,7 +289,9 @@ impl Options {
             (d, _) => d,
         };
         let threads = a.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(MAX_THREADS)
         });
         let verify = match (a.ca, a.insecure) {
             (_, true) => Verify::Insecure,
@@ -451,6 +477,38 @@ mod tests {
             &["https://localhost/", "--sni", "not a name"],
         ] {
             assert!(options(argv).is_err(), "{argv:?} accepted");
+        }
+    }
+
+    /// Values past these bounds overflowed a deadline (`Instant + Duration`) or spawned an
+    /// unbounded number of threads: each is refused, naming the flag.
+    #[test]
+    fn refuses_values_past_their_bounds_naming_the_flag() {
+        for (flag, value) in [
+            ("--timeout", "500000000000years"),
+            ("--timeout", "25h"),
+            ("-d", "500000000000years"),
+            ("-d", "367days"),
+            ("--rate", "1e-300"),
+            ("--rate", "0.0009"),
+            ("--threads", "100000000"),
+        ] {
+            let e = options(&["https://localhost/", flag, value])
+                .expect_err(&format!("{flag} {value} accepted"))
+                .to_string();
+            let long = if flag == "-d" { "--duration" } else { flag };
+            assert!(e.starts_with(long), "{flag} {value}: {e}");
+        }
+        for (flag, value) in [
+            ("--timeout", "24h"),
+            ("-d", "366days"),
+            ("--rate", "0.001"),
+            ("--threads", "1024"),
+        ] {
+            assert!(
+                options(&["https://localhost/", flag, value]).is_ok(),
+                "{flag} {value} refused"
+            );
         }
     }
 }

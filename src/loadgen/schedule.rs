@@ -35,7 +35,9 @@ impl Schedule {
             start,
             next: AtomicU64::new(0),
             limit,
-            deadline: duration.map(|d| start + d),
+            // `Options` bounds the duration, so the deadline is representable; were it not,
+            // the run would have none (a count limit or Ctrl-C ends it).
+            deadline: duration.and_then(|d| start.checked_add(d)),
             rate,
             stopped: AtomicBool::new(false),
         }
@@ -55,9 +57,21 @@ impl Schedule {
             self.stop();
             return None;
         }
-        let intended = self
-            .rate
-            .map(|r| self.start + Duration::from_secs_f64(i as f64 / r));
+        let intended = match self.rate {
+            // Past the last representable instant (a slow rate with a huge -n): no ticket
+            // can start, so the run is over.
+            Some(r) => match Duration::try_from_secs_f64(i as f64 / r)
+                .ok()
+                .and_then(|d| self.start.checked_add(d))
+            {
+                Some(at) => Some(at),
+                None => {
+                    self.stop();
+                    return None;
+                }
+            },
+            None => None,
+        };
         let starts_at = intended.unwrap_or_else(Instant::now);
         if self.deadline.is_some_and(|d| starts_at >= d) {
             self.stop();
@@ -122,6 +136,14 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(a.begin().await, t0);
         assert_eq!(b.begin().await, t0 + Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_start_past_the_representable_time_ends_the_run() {
+        let s = Schedule::new(Instant::now(), Some(u64::MAX), None, Some(1e-300));
+        assert!(s.take().is_some(), "ticket 0 starts at once");
+        assert!(s.take().is_none());
+        assert!(s.stopped.load(Ordering::Relaxed));
     }
 
     #[tokio::test(start_paused = true)]
