@@ -1,7 +1,8 @@
 //! `ephemera loadgen` end to end, the binary against real servers over loopback: the proxy
 //! in-process (its /metrics must agree with the report), `ephemera serve` as a child (for a
-//! real --server-pid), a ticket-issuing rustls server, a TLS 1.2-only server and a closed
-//! port. The report is read as JSON (--json); errors must be kinds in the report, not panics.
+//! real --server-pid), a ticket-issuing rustls server, a TLS 1.2-only server, servers that
+//! stall or answer with something other than HTTP, and a closed port. The report is read as
+//! JSON (--json); errors must be kinds in the report, not panics.
 
 mod common;
 use common::*;
@@ -458,15 +459,31 @@ async fn an_untrusted_certificate_is_bad_certificate_and_insecure_accepts_it() {
     assert_eq!(r["certificate_verification"], "off");
 }
 
-/// A rustls server that speaks TLS 1.2 only.
-async fn start_tls12_server(certs: &Certs) -> SocketAddr {
+/// What a test server does with a connection once its TLS handshake is done.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Close it.
+    Close,
+    /// Read the request and never answer it (a stalled server).
+    Stall,
+    /// Read the request and answer with bytes that are not HTTP.
+    NotHttp,
+}
+
+/// A rustls server speaking `versions`, without ALPN (so loadgen speaks HTTP/1.1 to it).
+async fn start_rustls_server(
+    certs: &Certs,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    then: Then,
+) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&certs.cert)
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(&certs.key).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
-        .with_protocol_versions(&[&rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(chain, key)
@@ -478,8 +495,39 @@ async fn start_tls12_server(certs: &Certs) -> SocketAddr {
         while let Ok((sock, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let _ = acceptor.accept(sock).await;
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                if let Then::Close = then {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    if matches!(then, Then::NotHttp) && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        let _ = tls.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+                        let _ = tls.flush().await;
+                    }
+                }
             });
+        }
+    });
+    addr
+}
+
+/// A TCP server that accepts and never says anything (no TLS at all).
+async fn start_mute_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
         }
     });
     addr
@@ -488,7 +536,7 @@ async fn start_tls12_server(certs: &Certs) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls12_only_server_is_protocol_version() {
     let certs = Certs::new(&["localhost"]);
-    let addr = start_tls12_server(&certs).await;
+    let addr = start_rustls_server(&certs, &[&rustls::version::TLS12], Then::Close).await;
     let run = loadgen(&[
         &url(addr, "/"),
         "-n",
@@ -620,6 +668,105 @@ async fn server_pid_and_metrics_report_the_serving_process() {
     }
 }
 
+/// A server that stalls is reported by phase: `tls_handshake` (timeout) when it never
+/// answers the ClientHello, `timeout` when it never answers the request; one that answers
+/// with something other than HTTP is `http`. Each is a kind in the report, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_non_http_servers_are_error_kinds() {
+    let certs = Certs::new(&["localhost"]);
+    let ca = ca_file(&certs);
+    let mute = start_mute_server().await;
+    let stall = start_rustls_server(&certs, &[&rustls::version::TLS13], Then::Stall).await;
+    let not_http = start_rustls_server(&certs, &[&rustls::version::TLS13], Then::NotHttp).await;
+    for (addr, kind, sub) in [
+        (mute, "tls_handshake", Some("timeout")),
+        (stall, "timeout", None),
+        (not_http, "http", None),
+    ] {
+        let run = loadgen(&[
+            &url(addr, "/"),
+            "-n",
+            "2",
+            "-c",
+            "1",
+            "--timeout",
+            "300ms",
+            "--ca",
+            &ca,
+            "--json",
+        ])
+        .await;
+        assert_eq!(run.code, Some(1), "{kind}: {}", run.stderr);
+        let r = run.json();
+        assert_eq!(n(&r["errors"]["by_kind"][kind]), 2, "{kind}: {r:#}");
+        if let Some(sub) = sub {
+            assert_eq!(n(&r["errors"]["tls_handshake"][sub]), 2, "{r:#}");
+        }
+        assert_eq!(n(&r["requests"]), 0, "{r:#}");
+        assert!(
+            run.stderr.contains(&format!("with {kind}")),
+            "{kind}: {}",
+            run.stderr
+        );
+    }
+}
+
+/// `--group` offers that group only, so it is the one negotiated, for each of the four
+/// (the proxy allows all four here); `--sni` is the name sent and verified: the URL's host is
+/// an address the certificate does not cover, and `--sni localhost` makes the run succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_group_is_negotiated_when_asked_for_and_sni_is_the_name_verified() {
+    let certs = Certs::new(&["localhost"]);
+    let ca = ca_file(&certs);
+    let proxy = Proxy::start(&config_yaml(
+        &certs,
+        None,
+        "      groups: [x25519, secp256r1, secp384r1, x25519mlkem768]\n",
+        "",
+        "",
+    ))
+    .await;
+    for group in ["x25519", "secp256r1", "secp384r1", "x25519mlkem768"] {
+        let run = loadgen(&[
+            &url(proxy.addr, "/"),
+            "-n",
+            "3",
+            "-c",
+            "1",
+            "--group",
+            group,
+            "--ca",
+            &ca,
+            "--json",
+        ])
+        .await;
+        assert_eq!(run.code, Some(0), "{group}: {}", run.stderr);
+        let r = run.json();
+        assert_eq!(n(&r["negotiated"]["group"][group]), 3, "{group}: {r:#}");
+        assert_eq!(r["offered_groups"], serde_json::json!([group]), "{r:#}");
+    }
+
+    let by_address = format!("https://127.0.0.1:{}/", proxy.addr.port());
+    let run = loadgen(&[&by_address, "-n", "2", "-c", "1", "--ca", &ca, "--json"]).await;
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert_eq!(n(&run.json()["errors"]["by_kind"]["tls_handshake"]), 2);
+    let run = loadgen(&[
+        &by_address,
+        "-n",
+        "2",
+        "-c",
+        "1",
+        "--sni",
+        "localhost",
+        "--ca",
+        &ca,
+        "--json",
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(n(&run.json()["requests"]), 2);
+}
+
 #[tokio::test]
 async fn options_that_cannot_run_are_refused_with_a_message() {
     for (args, needle) in [
@@ -629,6 +776,20 @@ async fn options_that_cannot_run_are_refused_with_a_message() {
         (
             &["https://localhost:1/", "--ca", "/nonexistent/ca.pem"],
             "--ca",
+        ),
+        // Past their bounds these overflowed a deadline: a panic, and exit 0.
+        (
+            &["https://localhost:1/", "--timeout", "500000000000years"],
+            "--timeout",
+        ),
+        (
+            &["https://localhost:1/", "-d", "500000000000years"],
+            "--duration",
+        ),
+        (&["https://localhost:1/", "--rate", "1e-300"], "--rate"),
+        (
+            &["https://localhost:1/", "--threads", "100000000"],
+            "--threads",
         ),
     ] {
         let run = loadgen(args).await;
