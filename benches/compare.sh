@@ -12,26 +12,30 @@
 # http/1.1). With MODE=proxy (default) all three proxy to the same plain-HTTP/1.1 backend (a
 # separate nginx instance answering "ok", pinned to CPU 1 with the clients) over pooled
 # keep-alive connections; with MODE=respond each answers a fixed "ok" itself.
-# Three loads, each pinned to CPU 1, one after the other per server:
+# Four loads, each pinned to CPU 1, one after the other per server:
 #   s_time   `openssl s_time -new`: one new TCP connection, one full handshake and one small
 #            HTTP/1.0 request per connection, one connection at a time;
 #   loadgen  `ephemera loadgen --mode handshake -c LG_CONNS`: the same with 8 concurrent
 #            connections (HTTP/2 or HTTP/1.1 by ALPN), client-observed rate and p99;
-#   h2load   `h2load -c H2_CONNS -m H2_STREAMS -D DURATION`: keep-alive HTTP/2 requests.
+#   h2load   `h2load -c H2_CONNS -m H2_STREAMS -D DURATION`: keep-alive HTTP/2 requests;
+#   loadgen-requests  `ephemera loadgen --mode requests --alpn h2 -c H2_CONNS --streams
+#            H2_STREAMS`: the same keep-alive load from our own client, with a p99 per request
+#            (h2load gives a mean only).
 # The server's utime+stime (/proc/PID/stat, fields 14 and 15) before and after, divided by the
 # number of handshakes (or requests), is the server CPU per handshake (or request). See
 # benches/README.md.
 #
 # Environment:
 #   MODE=proxy         proxy: the servers proxy to the shared backend; respond: they answer
-#   CLIENTS="s_time loadgen h2load"   which loads to run (any subset, in this order)
+#   CLIENTS="s_time loadgen h2load loadgen-requests"   which loads to run (any subset, in
+#                      this order)
 #   DURATION=10        seconds of load per server per round per client
 #   ROUNDS=2           how many times the whole set (ephemera, nginx, haproxy, bare) is measured
 #   LG_CONNS=8         ephemera loadgen concurrent connections (handshake mode)
 #   LG_ALPN=h2         the protocol loadgen offers and must get: h2, or http/1.1 (then each
 #                      request says Connection: close, as a one-request HTTP/1.1 client does)
-#   H2_CONNS=8         h2load connections
-#   H2_STREAMS=10      h2load concurrent streams per connection (-m)
+#   H2_CONNS=8         keep-alive connections (h2load and loadgen-requests)
+#   H2_STREAMS=10      concurrent streams per keep-alive connection (h2load -m, loadgen --streams)
 #   SERVER_CPU=0       CPU the servers are pinned to
 #   CLIENT_CPU=1       CPU the clients (and the backend) are pinned to
 #   MAX_BUSY=          if set (a percentage, e.g. 10): other processes may use at most this
@@ -60,7 +64,8 @@ LOAD_WAIT=${LOAD_WAIT:-600}
 RETRIES=${RETRIES:-3}
 KEEP_TMP=${KEEP_TMP:-0}
 MODE=${MODE:-proxy}
-CLIENTS=${CLIENTS:-s_time loadgen h2load}
+DEFAULT_CLIENTS="s_time loadgen h2load loadgen-requests"
+CLIENTS=${CLIENTS:-$DEFAULT_CLIENTS}
 LG_CONNS=${LG_CONNS:-8}
 LG_ALPN=${LG_ALPN:-h2}
 H2_CONNS=${H2_CONNS:-8}
@@ -87,7 +92,8 @@ die() {
 [[ $MODE = proxy || $MODE = respond ]] || die "MODE must be proxy or respond, got '$MODE'"
 [[ $BARE = 0 || $BARE = 1 ]] || die "BARE must be 0 or 1, got '$BARE'"
 for c in $CLIENTS; do
-    [[ $c = s_time || $c = loadgen || $c = h2load ]] || die "CLIENTS: unknown client '$c' (s_time, loadgen, h2load)"
+    [[ $c = s_time || $c = loadgen || $c = h2load || $c = loadgen-requests ]] ||
+        die "CLIENTS: unknown client '$c' (s_time, loadgen, h2load, loadgen-requests)"
 done
 [[ -n ${CLIENTS// /} ]] || die "CLIENTS is empty"
 [[ $LG_ALPN = h2 || $LG_ALPN = http/1.1 ]] || die "LG_ALPN must be h2 or http/1.1, got '$LG_ALPN'"
@@ -598,7 +604,7 @@ wait_quiet() { # until the server and client CPUs were < MAX_BUSY % busy for 2 s
 #  6 server utime, 7 server stime, 8 client ticks (all ticks), 9 other % CPU server,
 # 10 other % CPU client, 11 load 1m, 12 CLK_TCK, 13 flag (! = busy), 14 client-observed rate
 # (per s), 15 client-observed latency (ms: loadgen p99 of a whole connection, h2load mean per
-# request, "-" for s_time), 16 backend ticks.
+# request, loadgen-requests p99 per request, "-" for s_time), 16 backend ticks.
 for c in $CLIENTS; do : >"$TMP/results-$c.tsv"; done
 json_get() { # file key.path... -> value (python3)
     python3 - "$@" <<'PYEOF'
@@ -609,39 +615,70 @@ for k in sys.argv[2].split("."):
 print(d if not isinstance(d, dict) else "")
 PYEOF
 }
-# Runs one client against port; sets COUNT, RATE, LAT (globals). Dies on any failure.
+# Runs one client against port, writing its output to out. Dies if the client fails. Only
+# this runs inside the measurement window: the parsing below starts processes of its own
+# (python3, awk) that run on whichever CPU is free, often the server's.
 run_client() { # client server port out
-    local c=$1 s=$2 port=$3 out=$4 resumed errs
+    local c=$1 s=$2 port=$3 out=$4
     case $c in
     s_time)
         taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:$port" -new -time "$DURATION" -www / >"$out" 2>&1 ||
             die "$s: openssl s_time failed: $(tail -n 5 "$out")"
-        COUNT=$({ grep -Eo '^[0-9]+ connections in [0-9.]+s;' "$out" || true; } | sed -n '1s/ .*//p')
-        [[ -n $COUNT && $COUNT -gt 0 ]] || die "$s: cannot parse the connection count from s_time: $(tail -n 3 "$out")"
-        # s_time prints one character per connection: '*' new session, 'r' resumed.
-        resumed=$({ grep -E '^[*r3t]+$' "$out" || true; } | tr -cd 'r' | wc -c)
-        ((resumed == 0)) || die "$s: $resumed of $COUNT s_time connections were resumed"
-        RATE=- LAT=-
         ;;
     loadgen)
         taskset -c "$CLIENT_CPU" "$EPH" loadgen "https://localhost:$port/" --mode handshake \
             -c "$LG_CONNS" -d "${DURATION}s" --alpn "$LG_ALPN" --insecure --json >"$out" 2>"$out.err" ||
             die "$s: ephemera loadgen failed: $(tail -n 5 "$out.err")"
-        COUNT=$(json_get "$out" handshakes)
-        errs=$(json_get "$out" errors.total)
-        resumed=$(json_get "$out" resumed_handshakes)
-        [[ $COUNT =~ ^[0-9]+$ && $COUNT -gt 0 ]] || die "$s: loadgen reported no handshakes: $(head -c 600 "$out")"
-        ((errs == 0)) || die "$s: loadgen saw $errs errors: $(json_get "$out" errors.by_kind)"
-        ((resumed == 0)) || die "$s: loadgen saw $resumed resumed handshakes"
-        [[ $(json_get "$out" status.2xx) = "$COUNT" ]] || die "$s: not every loadgen response was 2xx: $(json_get "$out" status)"
-        alpn_count=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["negotiated"]["alpn"].get(sys.argv[2], 0))' "$out" "$LG_ALPN")
-        [[ $alpn_count = "$COUNT" ]] || die "$s: only $alpn_count of $COUNT loadgen connections negotiated $LG_ALPN"
-        RATE=$(json_get "$out" handshakes_per_s)
-        LAT=$(awk -v u="$(json_get "$out" latency_us.request.p99)" 'BEGIN {printf "%.2f", u / 1000}')
         ;;
     h2load)
         taskset -c "$CLIENT_CPU" h2load -c "$H2_CONNS" -m "$H2_STREAMS" -D "$DURATION" "https://127.0.0.1:$port/" >"$out" 2>&1 ||
             die "$s: h2load failed: $(tail -n 5 "$out")"
+        ;;
+    loadgen-requests)
+        taskset -c "$CLIENT_CPU" "$EPH" loadgen "https://localhost:$port/" --mode requests --alpn h2 \
+            -c "$H2_CONNS" --streams "$H2_STREAMS" -d "${DURATION}s" --insecure --json >"$out" 2>"$out.err" ||
+            die "$s: ephemera loadgen --mode requests failed: $(tail -n 5 "$out.err")"
+        ;;
+    esac
+}
+# Reads a client's output; sets COUNT, RATE, LAT and HS (the handshakes the client made,
+# which ephemera's own counter must match) (globals). Dies on any failed, errored, resumed or
+# non-2xx request, or on a protocol other than the one asked for.
+parse_client() { # client server out
+    local c=$1 s=$2 out=$3 resumed errs alpn_count
+    case $c in
+    s_time)
+        COUNT=$({ grep -Eo '^[0-9]+ connections in [0-9.]+s;' "$out" || true; } | sed -n '1s/ .*//p')
+        [[ -n $COUNT && $COUNT -gt 0 ]] || die "$s: cannot parse the connection count from s_time: $(tail -n 3 "$out")"
+        # s_time prints one character per connection: '*' new session, 'r' resumed.
+        resumed=$({ grep -E '^[*r3t]+$' "$out" || true; } | tr -cd 'r' | wc -c)
+        ((resumed == 0)) || die "$s: $resumed of $COUNT s_time connections were resumed"
+        RATE=- LAT=- HS=$COUNT
+        ;;
+    loadgen | loadgen-requests)
+        COUNT=$(json_get "$out" requests)
+        HS=$(json_get "$out" handshakes)
+        errs=$(json_get "$out" errors.total)
+        resumed=$(json_get "$out" resumed_handshakes)
+        [[ $COUNT =~ ^[0-9]+$ && $COUNT -gt 0 ]] || die "$s: $c reported no requests: $(head -c 600 "$out")"
+        ((errs == 0)) || die "$s: $c saw $errs errors: $(json_get "$out" errors.by_kind)"
+        ((resumed == 0)) || die "$s: $c saw $resumed resumed handshakes"
+        [[ $(json_get "$out" status.2xx) = "$COUNT" ]] || die "$s: not every $c response was 2xx: $(json_get "$out" status)"
+        local want=$LG_ALPN
+        [[ $c = loadgen-requests ]] && want=h2
+        alpn_count=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["negotiated"]["alpn"].get(sys.argv[2], 0))' "$out" "$want")
+        [[ $alpn_count = "$HS" ]] || die "$s: only $alpn_count of $HS $c connections negotiated $want"
+        if [[ $c = loadgen ]]; then
+            # Handshake mode: one request per connection, counted per handshake.
+            [[ $HS = "$COUNT" ]] || die "$s: loadgen made $HS handshakes for $COUNT requests"
+            RATE=$(json_get "$out" handshakes_per_s)
+            LAT=$(awk -v u="$(json_get "$out" latency_us.request.p99)" 'BEGIN {printf "%.2f", u / 1000}')
+        else
+            RATE=$(json_get "$out" requests_per_s)
+            LAT=$(awk -v u="$(json_get "$out" latency_us.request.p99)" 'BEGIN {printf "%.3f", u / 1000}')
+        fi
+        ;;
+    h2load)
         grep -q '^Application protocol: h2' "$out" || die "$s: h2load did not negotiate h2: $(grep -E '^(Application|requests)' "$out")"
         COUNT=$(awk '/^requests: / {print $8}' "$out")
         errs=$(awk '/^requests: / {print $10 + $12 + $14}' "$out")
@@ -649,6 +686,7 @@ run_client() { # client server port out
         ((errs == 0)) || die "$s: h2load requests failed/errored/timed out: $(grep '^requests' "$out")"
         grep -q "^status codes: $COUNT 2xx" "$out" || die "$s: not every h2load response was 2xx: $(grep '^status' "$out")"
         RATE=$(awk '/^finished in/ {gsub(",", "", $4); print $4}' "$out")
+        HS=$H2_CONNS
         LAT=$(awk '/^time for request:/ {v = $6; if (v ~ /us$/) {sub("us", "", v); v /= 1000} else if (v ~ /ms$/) sub("ms", "", v); else if (v ~ /s$/) {sub("s", "", v); v *= 1000}; printf "%.2f", v}' "$out")
         ;;
     esac
@@ -683,14 +721,14 @@ measure_once() { # client round server retries-left
     read -r u1 s1 < <(cpu_ticks ${PIDS[$s]})
     # shellcheck disable=SC2086
     [[ -z $BACKEND_PIDS ]] || read -r k1 < <(cpu_ticks $BACKEND_PIDS | awk '{print $1 + $2}')
+    parse_client "$c" "$s" "$out"
     if [[ $s = ephemera ]]; then
         hs1=$(eph_counter ephemera_tls_handshakes_total)
         rs1=$(eph_counter ephemera_tls_resumed_handshakes_total)
         ((rs1 == rs0)) || die "ephemera counted $((rs1 - rs0)) resumed handshakes"
-        want=$COUNT
-        [[ $c = h2load ]] && want=$H2_CONNS
-        ((hs1 - hs0 == want)) ||
-            log "note: ephemera counted $((hs1 - hs0)) handshakes, $c $want"
+        # A mismatch would put the wrong count under the CPU per handshake.
+        ((hs1 - hs0 == HS)) ||
+            die "ephemera counted $((hs1 - hs0)) handshakes during the $c run, the client $HS"
     fi
     # Other processes' share of each CPU: busy ticks minus ours (server on one, client and
     # backend on the other; the few ticks of date/cut in the window count as "other").
@@ -761,7 +799,7 @@ CMD="DURATION=$DURATION ROUNDS=$ROUNDS"
 [[ $MODE != proxy ]] && CMD="MODE=$MODE $CMD"
 [[ $BARE != 1 ]] && CMD="BARE=$BARE $CMD"
 [[ -n $MAX_BUSY ]] && CMD="$CMD MAX_BUSY=$MAX_BUSY"
-[[ $CLIENTS != "s_time loadgen h2load" ]] && CMD="CLIENTS=\"$CLIENTS\" $CMD"
+[[ $CLIENTS != "$DEFAULT_CLIENTS" ]] && CMD="CLIENTS=\"$CLIENTS\" $CMD"
 [[ $LG_CONNS != 8 ]] && CMD="LG_CONNS=$LG_CONNS $CMD"
 [[ $LG_ALPN != h2 ]] && CMD="LG_ALPN=$LG_ALPN $CMD"
 [[ $H2_CONNS != 8 || $H2_STREAMS != 10 ]] && CMD="H2_CONNS=$H2_CONNS H2_STREAMS=$H2_STREAMS $CMD"
@@ -798,6 +836,12 @@ report_client() { # client
         title="Keep-alive HTTP/2 requests, \`h2load\`: server CPU per request"
         load="\`h2load -c $H2_CONNS -m $H2_STREAMS -D $DURATION https://127.0.0.1:PORT/\`: $H2_CONNS TLS 1.3 connections (opened once), $H2_STREAMS concurrent streams each, GET /; rate and mean time per request as h2load observed them (h2load gives no percentiles)"
         latname="client mean ms/req"
+        ;;
+    loadgen-requests)
+        unit=request
+        title="Keep-alive HTTP/2 requests, \`ephemera loadgen --mode requests\`: server CPU per request"
+        load="\`ephemera loadgen https://localhost:PORT/ --mode requests --alpn h2 -c $H2_CONNS --streams $H2_STREAMS -d ${DURATION}s --insecure --json\`: $H2_CONNS TLS 1.3 connections (opened once), $H2_STREAMS concurrent streams each, GET /; rate and p99 per request as loadgen observed them (a heavier client than h2load: the server is less busy, and batches less, than under h2load)"
+        latname="client p99 ms/req"
         ;;
     esac
     [[ -s $rf ]] || return 0
