@@ -390,7 +390,11 @@ async fn duration_mode_runs_for_the_duration_and_prints_a_text_report() {
         "tls handshake",
         "p99.9",
         "cipher suite TLS13_AES_128_GCM_SHA256 2",
-        "resumed      0",
+        "kind         full 2",
+        "resumed      0 (",
+        "min      mean",
+        "body bytes)",
+        "requests attempted",
     ] {
         assert!(out.contains(line), "no {line:?} in:\n{out}");
     }
@@ -671,6 +675,37 @@ async fn server_pid_and_metrics_report_the_serving_process() {
 /// A server that stalls is reported by phase: `tls_handshake` (timeout) when it never
 /// answers the ClientHello, `timeout` when it never answers the request; one that answers
 /// with something other than HTTP is `http`. Each is a kind in the report, not a panic.
+/// On a terminal the live progress line is drawn on stderr (under util-linux `script`, which
+/// gives the command a pseudo-terminal); on a pipe nothing is (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_line_is_drawn_on_a_terminal() {
+    let certs = Certs::new(&["localhost"]);
+    let proxy = proxy(&certs).await;
+    let command = format!(
+        "'{}' loadgen '{}' -d 1500ms -c 1 --threads 1 --ca '{}' >/dev/null",
+        bin().display(),
+        url(proxy.addr, "/"),
+        ca_file(&certs)
+    );
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("script + loadgen did not finish within 30 s")
+        .expect("util-linux `script` (bsdutils) must be installed");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{tty}");
+    assert!(!tty.contains("panicked"), "{tty}");
+    assert!(
+        tty.contains(" hs ") && tty.contains(" req ") && tty.contains(" err"),
+        "no progress line on the terminal:\n{tty:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_and_non_http_servers_are_error_kinds() {
     let certs = Certs::new(&["localhost"]);

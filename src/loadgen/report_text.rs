@@ -33,7 +33,12 @@ impl Report {
             self.certificate_verification
         );
         let _ = writeln!(o);
-        let _ = writeln!(o, "  elapsed        {:.2} s", self.elapsed_s);
+        let _ = writeln!(
+            o,
+            "  elapsed        {:.2} s, {} attempted",
+            self.elapsed_s,
+            plural(self.attempts as usize, "request")
+        );
         let _ = writeln!(
             o,
             "  handshakes     {:<10} {:>10.1} /s",
@@ -46,14 +51,15 @@ impl Report {
             .collect();
         let _ = writeln!(
             o,
-            "  requests       {:<10} {:>10.1} /s   ({})",
+            "  requests       {:<10} {:>10.1} /s   ({}; {} body bytes)",
             self.requests,
             self.requests_per_s,
             if statuses.is_empty() {
                 "no responses".to_string()
             } else {
                 statuses.join(", ")
-            }
+            },
+            self.response_body_bytes
         );
         let _ = writeln!(o, "  errors         {}", self.errors.total);
         for (kind, n) in &self.errors.by_kind {
@@ -70,8 +76,8 @@ impl Report {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "  latency        {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "p50", "p90", "p99", "p99.9", "max"
+            "  latency        {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "min", "mean", "p50", "p90", "p99", "p99.9", "max"
         );
         for (name, s) in [
             ("tcp connect", &self.latency_us.tcp_connect),
@@ -81,7 +87,9 @@ impl Report {
             let cell = |us| if s.count == 0 { "-".into() } else { human(us) };
             let _ = writeln!(
                 o,
-                "  {name:<14} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "  {name:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                cell(s.min),
+                cell(s.mean.round() as u64),
                 cell(s.p50),
                 cell(s.p90),
                 cell(s.p99),
@@ -109,8 +117,20 @@ impl Report {
         let _ = writeln!(o, "    alpn         {}", counts(&self.negotiated.alpn));
         let _ = writeln!(
             o,
-            "    resumed      {} (hello retry requests {}, session tickets received {})",
-            self.resumed_handshakes, self.hello_retry_requests, self.session_tickets_received
+            "    kind         {}",
+            counts(&self.negotiated.handshake_kind)
+        );
+        let _ = writeln!(
+            o,
+            "    resumed      {}{} (hello retry requests {}, session tickets received {})",
+            self.resumed_handshakes,
+            if self.resumed_handshakes > 0 {
+                " UNEXPECTED: loadgen offers no session, yet the server reports resuming one"
+            } else {
+                ""
+            },
+            self.hello_retry_requests,
+            self.session_tickets_received
         );
         if let Some(m) = &self.server_metrics {
             let _ = writeln!(o);
