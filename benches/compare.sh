@@ -600,7 +600,8 @@ wait_quiet() { # until the server and client CPUs were < MAX_BUSY % busy for 2 s
 }
 
 # One results file per client: $TMP/results-CLIENT.tsv, one line per measurement:
-#  1 round, 2 server, 3 count (handshakes, or requests for h2load), 4 start, 5 end (s),
+#  1 round, 2 server, 3 count (handshakes, or requests for h2load and loadgen-requests),
+#  4 start, 5 end (s),
 #  6 server utime, 7 server stime, 8 client ticks (all ticks), 9 other % CPU server,
 # 10 other % CPU client, 11 load 1m, 12 CLK_TCK, 13 flag (! = busy), 14 client-observed rate
 # (per s), 15 client-observed latency (ms: loadgen p99 of a whole connection, h2load mean per
@@ -697,7 +698,7 @@ parse_client() { # client server out
 measure_once() { # client round server retries-left
     local c=$1 r=$2 s=$3 left=$4 port=${PORT[$3]} out=$TMP/$1-$3-$2.out flag=""
     local u0 s0 u1 s1 a0 at0 a1 at1 b0 bt0 b1 bt1 c0 c1 w0 w1 load k0=0 k1=0
-    local hs0=0 hs1=0 rs0=0 rs1=0 oa ob want
+    local hs0=0 hs1=0 rs0=0 rs1=0 oa ob
     wait_quiet
     load=$(cut -d' ' -f1 /proc/loadavg)
     if [[ $s = ephemera ]]; then

@@ -45,9 +45,14 @@ impl Run {
 }
 
 async fn loadgen(args: &[&str]) -> Run {
+    let threads: &[&str] = if args.contains(&"--threads") {
+        &[]
+    } else {
+        &["--threads", "2"]
+    };
     let child = Command::new(bin())
         .arg("loadgen")
-        .args(["--threads", "2"])
+        .args(threads)
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -672,11 +677,9 @@ async fn server_pid_and_metrics_report_the_serving_process() {
     }
 }
 
-/// A server that stalls is reported by phase: `tls_handshake` (timeout) when it never
-/// answers the ClientHello, `timeout` when it never answers the request; one that answers
-/// with something other than HTTP is `http`. Each is a kind in the report, not a panic.
 /// On a terminal the live progress line is drawn on stderr (under util-linux `script`, which
-/// gives the command a pseudo-terminal); on a pipe nothing is (the test above).
+/// gives the command a pseudo-terminal); on a pipe nothing is
+/// (`duration_mode_runs_for_the_duration_and_prints_a_text_report`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_progress_line_is_drawn_on_a_terminal() {
     let certs = Certs::new(&["localhost"]);
@@ -690,6 +693,7 @@ async fn a_progress_line_is_drawn_on_a_terminal() {
     let out = Command::new("script")
         .args(["--quiet", "--return", "--command", &command, "/dev/null"])
         .env("TERM", "xterm")
+        .env("SHELL", "/bin/sh")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -698,14 +702,20 @@ async fn a_progress_line_is_drawn_on_a_terminal() {
         .expect("script + loadgen did not finish within 30 s")
         .expect("util-linux `script` (bsdutils) must be installed");
     let tty = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{tty}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{tty}\nstderr: {stderr}");
     assert!(!tty.contains("panicked"), "{tty}");
     assert!(
         tty.contains(" hs ") && tty.contains(" req ") && tty.contains(" err"),
-        "no progress line on the terminal:\n{tty:?}"
+        "no progress line on the terminal:\n{tty:?}\nstderr: {stderr}"
     );
 }
 
+/// A server that stalls is reported by phase: `tls_handshake` (timeout) when it never
+/// answers the ClientHello, `timeout` when it never answers the request; one that answers
+/// with something other than HTTP is `http`. Each is a kind in the report, not a panic. The
+/// stalls wait out a 1 s `--timeout`; the non-HTTP answer gets 10 s, so that a slow debug
+/// build under the parallel suite cannot turn it into a timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_and_non_http_servers_are_error_kinds() {
     let certs = Certs::new(&["localhost"]);
@@ -713,10 +723,10 @@ async fn stalled_and_non_http_servers_are_error_kinds() {
     let mute = start_mute_server().await;
     let stall = start_rustls_server(&certs, &[&rustls::version::TLS13], Then::Stall).await;
     let not_http = start_rustls_server(&certs, &[&rustls::version::TLS13], Then::NotHttp).await;
-    for (addr, kind, sub) in [
-        (mute, "tls_handshake", Some("timeout")),
-        (stall, "timeout", None),
-        (not_http, "http", None),
+    for (addr, kind, sub, timeout) in [
+        (mute, "tls_handshake", Some("timeout"), "1s"),
+        (stall, "timeout", None, "1s"),
+        (not_http, "http", None, "10s"),
     ] {
         let run = loadgen(&[
             &url(addr, "/"),
@@ -725,7 +735,7 @@ async fn stalled_and_non_http_servers_are_error_kinds() {
             "-c",
             "1",
             "--timeout",
-            "300ms",
+            timeout,
             "--ca",
             &ca,
             "--json",
@@ -784,7 +794,12 @@ async fn each_group_is_negotiated_when_asked_for_and_sni_is_the_name_verified() 
     let by_address = format!("https://127.0.0.1:{}/", proxy.addr.port());
     let run = loadgen(&[&by_address, "-n", "2", "-c", "1", "--ca", &ca, "--json"]).await;
     assert_eq!(run.code, Some(1), "{}", run.stderr);
-    assert_eq!(n(&run.json()["errors"]["by_kind"]["tls_handshake"]), 2);
+    let r = run.json();
+    assert_eq!(
+        n(&r["errors"]["tls_handshake"]["bad_certificate"]),
+        2,
+        "{r:#}"
+    );
     let run = loadgen(&[
         &by_address,
         "-n",
@@ -812,19 +827,23 @@ async fn options_that_cannot_run_are_refused_with_a_message() {
             &["https://localhost:1/", "--ca", "/nonexistent/ca.pem"],
             "--ca",
         ),
-        // Past their bounds these overflowed a deadline: a panic, and exit 0.
+        // Past their bounds the first three overflowed a deadline (a panic, and exit 0) and
+        // the last asked for that many OS threads.
         (
             &["https://localhost:1/", "--timeout", "500000000000years"],
-            "--timeout",
+            "--timeout: at most 24 hours",
         ),
         (
             &["https://localhost:1/", "-d", "500000000000years"],
-            "--duration",
+            "--duration: at most 366 days",
         ),
-        (&["https://localhost:1/", "--rate", "1e-300"], "--rate"),
+        (
+            &["https://localhost:1/", "--rate", "1e-300"],
+            "--rate: at least 0.001",
+        ),
         (
             &["https://localhost:1/", "--threads", "100000000"],
-            "--threads",
+            "--threads: at most 1024",
         ),
     ] {
         let run = loadgen(args).await;

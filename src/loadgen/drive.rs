@@ -96,6 +96,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<Duration, String> {
     }
 }
 
+/// The text a panic was raised with (`panic!` gives a `&str` or a `String`).
 pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
         Ok(s) => *s,
@@ -196,7 +197,13 @@ async fn connection_worker(sh: Arc<Shared>, id: usize) {
         carried
             .extend(request_loop(sh.clone(), id, sender, proto, Some((started, deadline))).await);
         while let Some(unsent) = loops.join_next().await {
-            carried.extend(unsent.ok().flatten());
+            match unsent {
+                Ok(tickets) => carried.extend(tickets),
+                // Up to `run`, which stops the run: a report without this loop's share
+                // would pass for a complete one.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {}
+            }
         }
         // Every sender is gone: the connection closes (GOAWAY / FIN) unless the server
         // already closed it.

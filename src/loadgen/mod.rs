@@ -61,8 +61,9 @@ pub enum LoadgenError {
     /// The client's runtime could not start.
     #[error("cannot start the client runtime: {0}")]
     Runtime(#[source] std::io::Error),
-    /// A load worker panicked (a bug in loadgen): the run is incomplete, so no report.
-    #[error("a load worker failed unexpectedly, so the run is incomplete: {0}")]
+    /// A load worker, or the run around it, panicked (a bug in loadgen): the run is
+    /// incomplete, so no report.
+    #[error("loadgen failed unexpectedly, so the run is incomplete: {0}")]
     WorkerPanicked(String),
     /// Every attempt failed; `kind` is the most frequent error.
     #[error(

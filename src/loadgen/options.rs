@@ -21,6 +21,10 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const MIN_RATE: f64 = 0.001;
 /// The most client worker threads (each is an OS thread with its own stack).
 const MAX_THREADS: usize = 1024;
+/// The most connections, and streams per connection: each is a task (and a socket), all
+/// spawned at the start.
+const MAX_CONNECTIONS: usize = 100_000;
+const MAX_STREAMS: usize = 1000;
 
 /// `ephemera loadgen` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -217,8 +221,14 @@ impl Options {
         if a.connections == 0 {
             return Err(range("--connections", "must be at least 1"));
         }
+        if a.connections > MAX_CONNECTIONS {
+            return Err(range("--connections", "at most 100000"));
+        }
         if a.streams == 0 {
             return Err(range("--streams", "must be at least 1"));
+        }
+        if a.streams > MAX_STREAMS {
+            return Err(range("--streams", "at most 1000"));
         }
         if a.streams > 1 && a.mode == Mode::Handshake {
             return Err(range(
@@ -492,6 +502,8 @@ mod tests {
             ("--rate", "1e-300"),
             ("--rate", "0.0009"),
             ("--threads", "100000000"),
+            ("--connections", "100001"),
+            ("--streams", "1001"),
         ] {
             let e = options(&["https://localhost/", flag, value])
                 .expect_err(&format!("{flag} {value} accepted"))
@@ -504,6 +516,7 @@ mod tests {
             ("-d", "366days"),
             ("--rate", "0.001"),
             ("--threads", "1024"),
+            ("--connections", "100000"),
         ] {
             assert!(
                 options(&["https://localhost/", flag, value]).is_ok(),

@@ -58,8 +58,9 @@ impl Schedule {
             return None;
         }
         let intended = match self.rate {
-            // Past the last representable instant (a slow rate with a huge -n): no ticket
-            // can start, so the run is over.
+            // Past the last representable instant: no ticket can start, so the run is
+            // over. Defensive: `Options` bounds the rate and the duration, but -n alone
+            // may ask for more tickets than any clock can space out.
             Some(r) => match Duration::try_from_secs_f64(i as f64 / r)
                 .ok()
                 .and_then(|d| self.start.checked_add(d))
