@@ -677,6 +677,62 @@ async fn server_pid_and_metrics_report_the_serving_process() {
     }
 }
 
+/// The first Ctrl-C (SIGINT) stops starting requests and reports what was done; it does not
+/// wait for the 60 s the run was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_run_and_reports() {
+    let certs = Certs::new(&["localhost"]);
+    let proxy = proxy(&certs).await;
+    let child = Command::new(bin())
+        .args([
+            "loadgen",
+            "--threads",
+            "2",
+            "-d",
+            "60s",
+            "-c",
+            "2",
+            "--json",
+            "--ca",
+        ])
+        .arg(ca_file(&certs))
+        .arg(url(proxy.addr, "/"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    // Until the proxy has served a few requests: the run is under way.
+    let started = Instant::now();
+    while metric(&proxy.metrics().await, "ephemera_tls_handshakes_total", &[]) < 4.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no load within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("loadgen did not stop within 15 s of SIGINT")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert!(n(&r["requests"]) >= 4, "{r:#}");
+    assert_eq!(n(&r["errors"]["total"]), 0, "{r:#}");
+    assert!(r["elapsed_s"].as_f64().unwrap() < 30.0, "{r:#}");
+}
+
 /// On a terminal the live progress line is drawn on stderr (under util-linux `script`, which
 /// gives the command a pseudo-terminal); on a pipe nothing is
 /// (`duration_mode_runs_for_the_duration_and_prints_a_text_report`).
