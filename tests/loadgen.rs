@@ -168,8 +168,11 @@ async fn handshake_mode_makes_exactly_n_full_handshakes_and_the_proxy_agrees() {
 async fn requests_mode_over_http2_keeps_two_connections_with_four_streams() {
     let certs = Certs::new(&["localhost"]);
     let proxy = proxy(&certs).await;
+    // One thread: loadgen's current-thread runtime (the other tests use two threads).
     let run = loadgen(&[
         &url(proxy.addr, "/"),
+        "--threads",
+        "1",
         "--mode",
         "requests",
         "--alpn",
@@ -193,6 +196,7 @@ async fn requests_mode_over_http2_keeps_two_connections_with_four_streams() {
     assert_eq!(n(&r["latency_us"]["request"]["count"]), 200);
     assert_eq!(n(&r["latency_us"]["tls_handshake"]["count"]), 2);
     assert_eq!(r["streams"], 4);
+    assert_eq!(r["threads"], 1);
     let text = proxy.metrics().await;
     assert_eq!(metric(&text, "ephemera_tls_handshakes_total", &[]), 2.0);
     assert_eq!(

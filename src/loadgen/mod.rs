@@ -108,9 +108,17 @@ pub async fn command(args: Args) -> Result<i32, LoadgenError> {
 pub async fn run(opts: Options) -> Result<(Report, Option<LoadgenError>), LoadgenError> {
     let threads = opts.threads;
     let joined = tokio::task::spawn_blocking(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("loadgen")
+        // One thread: a current-thread runtime on this (blocking) thread does the same work
+        // without the multi-threaded scheduler's cross-thread bookkeeping, so a client pinned
+        // to one CPU (`taskset`, as in benches/compare.sh) drives more load per core.
+        let mut builder = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(threads).thread_name("loadgen");
+            b
+        };
+        let rt = builder
             .enable_all()
             .build()
             .map_err(LoadgenError::Runtime)?;
