@@ -657,26 +657,30 @@ parse_client() { # client server out
         RATE=- LAT=- HS=$COUNT
         ;;
     loadgen | loadgen-requests)
-        COUNT=$(json_get "$out" requests)
-        HS=$(json_get "$out" handshakes)
-        errs=$(json_get "$out" errors.total)
-        resumed=$(json_get "$out" resumed_handshakes)
+        local want=$LG_ALPN ok2xx hs_rate req_rate p99
+        [[ $c = loadgen-requests ]] && want=h2
+        # One read of the report (the ALPN name "http/1.1" has a dot, which json_get splits on).
+        read -r COUNT HS errs resumed ok2xx alpn_count hs_rate req_rate p99 < <(python3 - "$out" "$want" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(d["requests"], d["handshakes"], d["errors"]["total"], d["resumed_handshakes"],
+      d["status"].get("2xx", 0), d["negotiated"]["alpn"].get(sys.argv[2], 0),
+      d["handshakes_per_s"], d["requests_per_s"], d["latency_us"]["request"]["p99"])
+PYEOF
+        ) || die "$s: cannot read $c's report: $(head -c 600 "$out")"
         [[ $COUNT =~ ^[0-9]+$ && $COUNT -gt 0 ]] || die "$s: $c reported no requests: $(head -c 600 "$out")"
         ((errs == 0)) || die "$s: $c saw $errs errors: $(json_get "$out" errors.by_kind)"
         ((resumed == 0)) || die "$s: $c saw $resumed resumed handshakes"
-        [[ $(json_get "$out" status.2xx) = "$COUNT" ]] || die "$s: not every $c response was 2xx: $(json_get "$out" status)"
-        local want=$LG_ALPN
-        [[ $c = loadgen-requests ]] && want=h2
-        alpn_count=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["negotiated"]["alpn"].get(sys.argv[2], 0))' "$out" "$want")
+        [[ $ok2xx = "$COUNT" ]] || die "$s: not every $c response was 2xx: $(json_get "$out" status)"
         [[ $alpn_count = "$HS" ]] || die "$s: only $alpn_count of $HS $c connections negotiated $want"
         if [[ $c = loadgen ]]; then
             # Handshake mode: one request per connection, counted per handshake.
             [[ $HS = "$COUNT" ]] || die "$s: loadgen made $HS handshakes for $COUNT requests"
-            RATE=$(json_get "$out" handshakes_per_s)
-            LAT=$(awk -v u="$(json_get "$out" latency_us.request.p99)" 'BEGIN {printf "%.2f", u / 1000}')
+            RATE=$hs_rate
+            LAT=$(awk -v u="$p99" 'BEGIN {printf "%.2f", u / 1000}')
         else
-            RATE=$(json_get "$out" requests_per_s)
-            LAT=$(awk -v u="$(json_get "$out" latency_us.request.p99)" 'BEGIN {printf "%.3f", u / 1000}')
+            RATE=$req_rate
+            LAT=$(awk -v u="$p99" 'BEGIN {printf "%.3f", u / 1000}')
         fi
         ;;
     h2load)

@@ -25,6 +25,17 @@ struct Run {
 }
 
 impl Run {
+    /// A finished run; panics if loadgen panicked.
+    fn from_output(out: std::process::Output) -> Run {
+        let run = Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        run.assert_no_panic();
+        run
+    }
+
     /// The report (--json); panics with the output when it does not parse.
     fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
@@ -44,13 +55,14 @@ impl Run {
     }
 }
 
-async fn loadgen(args: &[&str]) -> Run {
+/// `ephemera loadgen ARGS` started, output piped (two threads unless ARGS say otherwise).
+fn spawn_loadgen(args: &[&str]) -> tokio::process::Child {
     let threads: &[&str] = if args.contains(&"--threads") {
         &[]
     } else {
         &["--threads", "2"]
     };
-    let child = Command::new(bin())
+    Command::new(bin())
         .arg("loadgen")
         .args(threads)
         .args(args)
@@ -60,18 +72,18 @@ async fn loadgen(args: &[&str]) -> Run {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("loadgen {args:?} did not finish within 30 s"))
-        .unwrap();
-    let run = Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    run.assert_no_panic();
-    run
+        .unwrap()
+}
+
+async fn loadgen(args: &[&str]) -> Run {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        spawn_loadgen(args).wait_with_output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("loadgen {args:?} did not finish within 30 s"))
+    .unwrap();
+    Run::from_output(out)
 }
 
 fn ca_file(certs: &Certs) -> String {
@@ -687,28 +699,17 @@ async fn server_pid_and_metrics_report_the_serving_process() {
 async fn ctrl_c_stops_the_run_and_reports() {
     let certs = Certs::new(&["localhost"]);
     let proxy = proxy(&certs).await;
-    let child = Command::new(bin())
-        .args([
-            "loadgen",
-            "--threads",
-            "2",
-            "-d",
-            "60s",
-            "-c",
-            "2",
-            "--json",
-            "--ca",
-        ])
-        .arg(ca_file(&certs))
-        .arg(url(proxy.addr, "/"))
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap().to_string();
+    let child = spawn_loadgen(&[
+        &url(proxy.addr, "/"),
+        "-d",
+        "60s",
+        "-c",
+        "2",
+        "--json",
+        "--ca",
+        &ca_file(&certs),
+    ]);
+    let pid = child.id().unwrap();
     // Until the proxy has served a few requests: the run is under way.
     let started = Instant::now();
     while metric(&proxy.metrics().await, "ephemera_tls_handshakes_total", &[]) < 4.0 {
@@ -718,20 +719,15 @@ async fn ctrl_c_stops_the_run_and_reports() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
-        .await
-        .expect("loadgen did not stop within 15 s of SIGINT")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    common::serve::signal(pid, "-INT");
+    let run = Run::from_output(
+        tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+            .await
+            .expect("loadgen did not stop within 15 s of SIGINT")
+            .unwrap(),
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let r = run.json();
     assert!(n(&r["requests"]) >= 4, "{r:#}");
     assert_eq!(n(&r["errors"]["total"]), 0, "{r:#}");
     assert!(r["elapsed_s"].as_f64().unwrap() < 30.0, "{r:#}");

@@ -62,16 +62,11 @@ impl ForwardedFor {
         let addr = client_ip(peer);
         // Formatted once: the element reuses the text (an IPv6 node is quoted and bracketed).
         let ip = addr.to_string();
-        let mut element = String::with_capacity(ip.len() + 20);
-        element.push_str("for=");
-        if addr.is_ipv6() {
-            element.push_str("\"[");
-            element.push_str(&ip);
-            element.push_str("]\"");
+        let element = if addr.is_ipv6() {
+            format!("for=\"[{ip}]\";proto=https")
         } else {
-            element.push_str(&ip);
-        }
-        element.push_str(";proto=https");
+            format!("for={ip};proto=https")
+        };
         ForwardedFor {
             // Digits, dots, colons and hex letters only: always a valid header value.
             ip_value: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),

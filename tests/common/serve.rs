@@ -11,6 +11,15 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// Send a signal (`kill -TERM`, `-INT`, `-HUP` …) to a process.
+pub fn signal(pid: u32, which: &str) {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {which} {pid} failed");
+}
+
 /// `ephemera serve` as a child process, its stderr (the log) collected as it arrives.
 pub struct Serve {
     pub child: Child,
@@ -116,12 +125,7 @@ impl Serve {
     }
 
     pub fn signal(&self, which: &str) {
-        let pid = self.pid().to_string();
-        let status = std::process::Command::new("kill")
-            .args([which, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {which} {pid} failed");
+        signal(self.pid(), which);
     }
 
     pub fn running(&mut self) -> bool {
